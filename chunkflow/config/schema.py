@@ -1,0 +1,123 @@
+"""The typed configuration tree. Every field is declared, documented and defaulted here;
+YAML files and ``a.b=c`` command-line overrides only change values (see ``loader.py``).
+
+The defaults describe the tiny CPU model of ``configs/tiny_cpu.yaml`` so that a config
+file only has to state what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = [
+    "ModelConfig",
+    "ParallelConfig",
+    "SyntheticConfig",
+    "DataConfig",
+    "TrainConfig",
+    "ChunkFlowConfig",
+    "Config",
+    "SCHEDULES",
+    "RECOMPUTE",
+    "DTYPES",
+    "OVERLONG",
+]
+
+SCHEDULES = ("megatron", "chunkflow")
+RECOMPUTE = ("none", "selective", "full")
+DTYPES = ("fp32", "bf16", "fp16", "fp64")
+OVERLONG = ("error", "truncate", "drop")
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen2 / Llama style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: int = 344  # SwiGLU inner width
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # GQA: key/value heads; == heads means MHA
+    vocab_size: int = 512
+    rope_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    qkv_bias: bool = True  # Qwen2 has q/k/v biases, Llama does not
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "fp32"  # one of DTYPES; CPU runs use fp32 (no bf16 units here)
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; the data-parallel size is world_size / (tensor * pipeline)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    threads_per_rank: int = 1  # torch intra-op threads per process on CPU
+    timeout_s: int = 600  # process-group timeout
+
+
+@dataclass
+class SyntheticConfig:
+    """Deterministic long-tailed synthetic data (used when ``data.path`` is empty)."""
+
+    num_samples: int = 2048
+    # Fractions of samples in each length band, relative to data.max_seq_len:
+    # (0, 1/32], (1/32, 1/8], (1/8, 1]; a further `max_len_fraction` sit exactly at max.
+    short_fraction: float = 0.90
+    medium_fraction: float = 0.08
+    long_fraction: float = 0.02
+    max_len_fraction: float = 0.005
+    min_len: int = 8
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # JSONL file; empty = synthetic data
+    tokenizer: str = ""  # local tokenizer.json for "text" / "messages" samples
+    max_seq_len: int = 1024  # longest sample (tokens) and Megatron micro-batch capacity
+    global_batch_size: int = 16  # samples per optimizer step, across data-parallel ranks
+    overlong: str = "error"  # what to do with a sample longer than max_seq_len: OVERLONG
+    shuffle: bool = True
+    seed: int = 1234
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    output_dir: str = "runs/tiny_cpu"
+    schedule: str = "megatron"  # one of SCHEDULES
+    recompute: str = "none"  # one of RECOMPUTE, mapped onto megatron-core's settings
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    save_at_end: bool = True
+    load: str = ""  # checkpoint directory to start from (model, optimizer, data state)
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class ChunkFlowConfig:
+    chunk_size: int = 256  # C: tokens per chunk
+    k: int = 1  # K: chunks of one long sample whose activations may be alive at once
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)

@@ -1,0 +1,118 @@
+"""Checks that need no process group: run at the edge, before anything is built.
+
+Each error names the setting and says which values would work.
+"""
+
+from __future__ import annotations
+
+from chunkflow.config.loader import ConfigError
+from chunkflow.config.schema import DTYPES, OVERLONG, RECOMPUTE, SCHEDULES, Config
+
+__all__ = ["validate_config", "validate_layout", "divisors"]
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _joined(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def validate_config(cfg: Config) -> None:
+    """Everything that can be checked without knowing the world size."""
+    m, p, d, t, c = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.chunkflow
+    _choice(t.schedule, SCHEDULES, "train.schedule")
+    _choice(t.recompute, RECOMPUTE, "train.recompute")
+    _choice(m.dtype, DTYPES, "model.dtype")
+    _choice(d.overlong, OVERLONG, "data.overlong")
+    _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "vocab_size"):
+        _positive(getattr(m, key), f"model.{key}")
+    for key, value in (("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
+                       ("data.max_seq_len", d.max_seq_len),
+                       ("data.global_batch_size", d.global_batch_size),
+                       ("train.steps", t.steps), ("train.lr", t.lr)):
+        _positive(value, key)
+
+    if m.hidden_size % m.num_attention_heads:
+        ok = [h for h in divisors(m.hidden_size) if h <= 4 * m.num_attention_heads]
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; head counts that divide it: {_joined(ok)}"
+        )
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups}; use one of "
+            f"{_joined(divisors(m.num_attention_heads))}"
+        )
+    common = divisors(m.num_query_groups)
+    if m.num_attention_heads % p.tensor or m.num_query_groups % p.tensor:
+        raise ConfigError(
+            f"parallel.tensor={p.tensor} must divide model.num_attention_heads="
+            f"{m.num_attention_heads} and model.num_query_groups={m.num_query_groups}; "
+            f"use one of {_joined(common)}"
+        )
+    if m.num_layers % p.pipeline:
+        raise ConfigError(
+            f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}; "
+            f"use one of {_joined(divisors(m.num_layers))}"
+        )
+    if p.sequence_parallel and p.tensor == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+
+    # ChunkFlow chunk size: positive, at most the longest sample, and divisible by what
+    # sequence parallelism needs (each chunk's tokens are split across tensor ranks).
+    multiple = p.tensor if p.sequence_parallel else 1
+    if c.chunk_size <= 0 or c.chunk_size > d.max_seq_len or c.chunk_size % multiple:
+        ok = f"a positive multiple of {multiple} " if multiple > 1 else "a positive integer "
+        raise ConfigError(
+            f"chunkflow.chunk_size={c.chunk_size} is invalid: use {ok}"
+            f"no larger than data.max_seq_len={d.max_seq_len}"
+        )
+    if c.k < 1:
+        raise ConfigError(f"chunkflow.k={c.k} is invalid: use an integer >= 1")
+    if d.synthetic.min_len < 1 or d.synthetic.min_len > d.max_seq_len:
+        raise ConfigError(
+            f"data.synthetic.min_len={d.synthetic.min_len} must be in [1, data.max_seq_len="
+            f"{d.max_seq_len}]"
+        )
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """Check the parallel layout against the world size; return the data-parallel size."""
+    p = cfg.parallel
+    mp = p.tensor * p.pipeline
+    if world_size % mp:
+        fits = [
+            f"tensor={tp} x pipeline={pp}"
+            for tp in divisors(world_size)
+            for pp in divisors(world_size // tp)
+            if cfg.model.num_attention_heads % tp == 0
+            and cfg.model.num_query_groups % tp == 0
+            and cfg.model.num_layers % pp == 0
+        ]
+        raise ConfigError(
+            f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} = {mp} does not "
+            f"divide the world size {world_size}; layouts that fit this model and world: "
+            f"{'; '.join(fits)}"
+        )
+    dp = world_size // mp
+    if cfg.data.global_batch_size < dp:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is smaller than the "
+            f"data-parallel size {dp}; use at least {dp} samples per step"
+        )
+    return dp
