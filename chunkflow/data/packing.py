@@ -31,6 +31,7 @@ whichever needs fewer bins, so the result is never worse than FFD.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -61,7 +62,8 @@ def build_row(
     """Concatenate ``pieces`` into one :class:`PackedRow` (see the module docstring).
 
     Each piece contributes one ``cu_seqlens`` segment and its sample id; position ids run
-    ``start .. end - 1`` of that sample. No piece may be empty.
+    ``start .. end - 1`` of that sample. No piece may be empty. A one-piece row holds
+    views of the sample's arrays (no copy): treat rows as read-only.
     """
     if not pieces:
         return empty_row()
@@ -71,20 +73,23 @@ def build_row(
                 f"piece [{start}, {end}) of sample {s.sample_id} (length {len(s)}) is empty "
                 "or out of range"
             )
-    lengths = np.fromiter((end - start for _, start, end in pieces), np.int64, len(pieces))
-    cu_seqlens = np.zeros(len(pieces) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu_seqlens[1:])
-    # Position ids: one arange over the row, shifted per piece to (start - row offset).
-    shift = np.repeat(
-        np.fromiter((start for _, start, _ in pieces), np.int64, len(pieces))
-        - cu_seqlens[:-1].astype(np.int64),
-        lengths,
-    )
-    position_ids = np.arange(int(cu_seqlens[-1]), dtype=np.int64) + shift
+    lengths = [end - start for _, start, end in pieces]
+    cu_seqlens = np.asarray([0, *itertools.accumulate(lengths)], dtype=np.int32)
+    if len(pieces) == 1:
+        s, start, end = pieces[0]
+        input_ids, labels, loss_mask = s.input_ids[start:end], s.labels[start:end], s.loss_mask[start:end]
+        position_ids = np.arange(start, end, dtype=np.int64)
+    else:
+        input_ids = np.concatenate([s.input_ids[a:b] for s, a, b in pieces])
+        labels = np.concatenate([s.labels[a:b] for s, a, b in pieces])
+        loss_mask = np.concatenate([s.loss_mask[a:b] for s, a, b in pieces])
+        # One arange over the row, shifted per piece by (start - row offset of the piece).
+        shift = np.asarray([a for _, a, _ in pieces], dtype=np.int64) - cu_seqlens[:-1]
+        position_ids = np.arange(int(cu_seqlens[-1]), dtype=np.int64) + np.repeat(shift, lengths)
     return PackedRow(
-        input_ids=np.concatenate([s.input_ids[a:b] for s, a, b in pieces]).astype(np.int64, copy=False),
-        labels=np.concatenate([s.labels[a:b] for s, a, b in pieces]).astype(np.int64, copy=False),
-        loss_mask=np.concatenate([s.loss_mask[a:b] for s, a, b in pieces]).astype(np.float32, copy=False),
+        input_ids=input_ids.astype(np.int64, copy=False),
+        labels=labels.astype(np.int64, copy=False),
+        loss_mask=loss_mask.astype(np.float32, copy=False),
         position_ids=position_ids,
         cu_seqlens=cu_seqlens,
         sample_ids=[s.sample_id for s, _, _ in pieces],
