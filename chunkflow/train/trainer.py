@@ -1,0 +1,179 @@
+"""The training loop: one class that any schedule plugs into.
+
+Per optimizer step::
+
+    plan  = loader.next()                    # same StepPlan on every rank (pure)
+    rows  = plan.rows_per_rank[dp_rank]      # this data-parallel rank's micro-batches
+    res   = schedule.run(rows)               # forward + backward (megatron or chunkflow)
+    optimizer.step(); scheduler.step()       # grads already scaled by 1/global loss tokens
+
+A schedule is any object with ``run(rows) -> StepResult``; the plan loader decides how
+a global batch becomes rows (Megatron packing to ``data.max_seq_len``, or ChunkFlow
+chunks). Nothing else in the loop depends on which one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+
+from chunkflow.config.loader import config_to_dict, dump_config
+from chunkflow.config.schema import Config
+from chunkflow.model.provider import build_model, build_transformer_config
+from chunkflow.parallel.distributed import ParallelContext
+from chunkflow.train.checkpoint import load_checkpoint, save_checkpoint
+from chunkflow.train.metrics import MetricsWriter, peak_memory_bytes, step_flops
+from chunkflow.train.optim import build_optimizer, build_scheduler, wrap_ddp
+
+__all__ = ["Trainer", "build_schedule"]
+
+
+def build_schedule(cfg: Config, model: Any, ctx: ParallelContext) -> Any:
+    """The forward/backward runner selected by ``train.schedule``."""
+    if cfg.train.schedule == "megatron":
+        from chunkflow.train.megatron_schedule import MegatronSchedule
+
+        return MegatronSchedule(model, ctx.device)
+    from chunkflow.scheduling.runner import build_chunkflow_schedule
+
+    return build_chunkflow_schedule(cfg, model, ctx)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: ParallelContext, *, log: Any = print):
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        self.out_dir = Path(cfg.train.output_dir)
+        if ctx.rank == 0:
+            dump_config(cfg, self.out_dir / "config.yaml")
+
+        from chunkflow.data.dataset import load_samples
+        from chunkflow.data.loader import StepPlanLoader
+
+        self.samples, self.data_desc = load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
+        self.loader = StepPlanLoader.from_config(cfg, self.samples, dp_size=ctx.dp_size)
+
+        self.tc = build_transformer_config(cfg)
+        model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
+                            transformer_config=self.tc)
+        model.to(ctx.device)
+        self.model = wrap_ddp(model, self.tc, cfg)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.tc.finalize_model_grads_func = finalize_model_grads
+        self.tc.no_sync_func = self.model.no_sync
+        self.tc.grad_scale_func = self.optimizer.scale_loss if cfg.model.dtype == "fp16" else None
+        self.schedule = build_schedule(cfg, self.model, ctx)
+
+        self.step = 0
+        if cfg.train.load:
+            state = load_checkpoint(cfg.train.load, model=self.model, optimizer=self.optimizer)
+            self.step = int(state["step"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+            self.log(f"resumed from {cfg.train.load} at step {self.step}")
+        self.metrics = MetricsWriter(self.out_dir, ctx.is_logging_rank, append=bool(cfg.train.load))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        plan = self.loader.next()
+        rows = plan.rows_per_rank[ctx.dp_rank]
+        t0 = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        result = self.schedule.run(rows)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        wall = time.perf_counter() - t0
+        self.step += 1
+
+        loss = self._global_loss(result.loss_sum, plan.num_loss_tokens)
+        busy = torch.tensor([result.busy_s, wall], dtype=torch.float64)
+        if dist.is_initialized() and ctx.pp_size > 1:
+            parts = [torch.zeros_like(busy) for _ in range(ctx.pp_size)]
+            dist.all_gather(parts, busy, group=ctx.pp_group)
+            busy_fracs = [float(p[0] / max(p[1], 1e-9)) for p in parts]
+        else:
+            busy_fracs = [float(busy[0] / max(busy[1], 1e-9))]
+        flops = step_flops(cfg.model, num_tokens=plan.num_tokens, sum_sq_seqlens=plan.sum_sq_seqlens)
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "tokens": int(plan.num_tokens),
+            "loss_tokens": int(plan.num_loss_tokens),
+            "tokens_per_s": plan.num_tokens / wall,
+            "tflops_per_s": flops / wall / 1e12,
+            "step_time_s": wall,
+            "peak_mem_bytes": peak_memory_bytes(ctx.device),
+            "bubble_fraction": max(0.0, 1.0 - sum(busy_fracs) / len(busy_fracs)),
+            "micro_batches": len(rows),
+            "dp_imbalance": float(plan.imbalance),
+            "schedule": cfg.train.schedule,
+            "update_ok": bool(ok),
+        }
+        record.update(getattr(result, "extra", {}) or {})
+        self.metrics.write(record)
+        return record
+
+    def _global_loss(self, loss_sum: float, num_loss_tokens: int) -> float:
+        """Mean per-token loss over the global batch, on the logging rank."""
+        t = torch.tensor([loss_sum], dtype=torch.float64)
+        if dist.is_initialized() and self.ctx.dp_size > 1:
+            dist.all_reduce(t, group=self.ctx.dp_group)
+        return float(t[0]) / max(num_loss_tokens, 1)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.log(f"data: {self.data_desc}")
+        t_start = time.perf_counter()
+        first: Optional[dict] = None
+        last: dict = {}
+        tokens = 0
+        while self.step < cfg.train.steps:
+            rec = self.train_step()
+            tokens += rec["tokens"]
+            first = first or rec
+            last = rec
+            if self.ctx.is_logging_rank and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps):
+                self.log(
+                    f"step {rec['step']:>5}/{cfg.train.steps}  loss {rec['loss']:.4f}  "
+                    f"grad_norm {rec['grad_norm']:.3f}  lr {rec['lr']:.2e}  "
+                    f"tokens/s {rec['tokens_per_s']:.0f}  tflops/s {rec['tflops_per_s']:.4f}  "
+                    f"bubble {rec['bubble_fraction']:.2f}"
+                )
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
+                self.save(self.out_dir / f"checkpoint_step{self.step}")
+        elapsed = time.perf_counter() - t_start
+        ckpt = None
+        if cfg.train.save_at_end:
+            ckpt = self.out_dir / "checkpoint"
+            self.save(ckpt)
+        return {
+            "steps": self.step,
+            "first_loss": first["loss"] if first else None,
+            "final_loss": last.get("loss"),
+            "tokens": tokens,
+            "elapsed_s": elapsed,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "peak_mem_bytes": last.get("peak_mem_bytes"),
+            "output_dir": str(self.out_dir),
+            "checkpoint": str(ckpt) if ckpt else None,
+        }
+
+    def save(self, path: Path) -> None:
+        state = {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "config": config_to_dict(self.cfg),
+        }
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, trainer_state=state, rank=self.ctx.rank)
