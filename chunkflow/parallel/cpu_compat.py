@@ -52,6 +52,13 @@ PATCHED_MODULES = (
     "megatron.core.transformer.transformer_block",
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.models.common.language_module.language_module",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
 )
 
 _FACTORIES = (
@@ -183,6 +190,23 @@ def _cpu_set_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> No
 _PAGED_STASH = "megatron.core.transformer.moe.ops.paged_stash"
 
 
+def _clip_grads_cpu(parameters: Any, max_norm: float, total_norm: float,
+                    use_decoupled_grad: bool = False, **kwargs: Any) -> None:
+    """Scale gradients by ``max_norm / total_norm`` when that is below 1.
+
+    megatron's version asserts ``grad.type() == 'torch.cuda.FloatTensor'``; this is the
+    same operation without the device assertion.
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff >= 1.0:
+        return
+    for p in params:
+        g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+        if g is not None:
+            g.detach().mul_(coeff)
+
+
 def _stub_paged_stash() -> None:
     """megatron-core >= 0.17 imports triton in ``moe/ops/paged_stash.py`` (MoE-only CUDA
     kernels) whenever ``megatron.core`` is imported. Without triton, register an inert
@@ -235,5 +259,9 @@ def apply_cpu_compat(force: bool = False) -> bool:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
+    for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        module = importlib.import_module(name)
+        if hasattr(module, "clip_grad_by_total_norm_fp32"):
+            module.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
     _active = True
     return True
