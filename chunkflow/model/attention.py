@@ -51,13 +51,15 @@ def flash_attn_available(t: torch.Tensor) -> bool:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    on_inputs: Optional[Callable[..., None]] = None,
 ) -> torch.Tensor:
     """Causal attention with the mask aligned bottom-right.
 
     ``q (heads, sq, dim)``, ``k/v (groups, sk, dim)`` with ``sk >= sq``: query i sees
     keys ``0 .. sk - sq + i`` (the whole prefix plus its own chunk up to itself). For
     ``sk == sq`` this is ordinary causal attention. Returns ``(heads, sq, dim)``.
+    ``on_inputs(k, v, mask)`` (optional) sees the tensors handed to the kernel.
     """
     heads, sq, _ = q.shape
     groups, sk, _ = k.shape
@@ -65,8 +67,12 @@ def causal_attention(
         k = k.repeat_interleave(heads // groups, dim=0)
         v = v.repeat_interleave(heads // groups, dim=0)
     if sq == sk:
+        if on_inputs is not None:
+            on_inputs(k, v, None)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    if on_inputs is not None:
+        on_inputs(k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

@@ -66,9 +66,24 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: Sequence[Any], 
 
 def run_distributed(
     fn: Callable, world_size: int, args: Sequence[Any] = (), *, timeout_s: float = 300,
-    env: dict | None = None,
+    env: dict | None = None, attempts: int = 3,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; see module doc."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; see module doc.
+
+    A free port can be taken by another process between choosing and binding it; a
+    group that fails with EADDRINUSE is retried on a new port (``attempts`` in all).
+    """
+    for attempt in range(attempts):
+        try:
+            return _run_once(fn, world_size, args, timeout_s, env)
+        except DistributedFailure as e:
+            if "EADDRINUSE" not in str(e) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable, world_size: int, args: Sequence[Any], timeout_s: float,
+              env: dict | None) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import schedules as _schedules
 
 from chunkflow.data.types import PackedRow
 from chunkflow.train.batch import RowTensors, row_to_tensors
+from chunkflow.train.loss import token_losses
 
 __all__ = ["StepResult", "masked_loss", "MegatronSchedule"]
 
@@ -36,7 +37,8 @@ class StepResult:
 
 def masked_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """megatron per-token loss: (sum of masked losses, number of loss tokens, report)."""
-    losses = output.float().reshape(-1)
+    losses = output.reshape(-1)
+    losses = losses.to(torch.promote_types(losses.dtype, torch.float32))  # fp64 stays fp64
     mask = loss_mask.reshape(-1).to(losses.dtype)
     loss_sum = (losses * mask).sum()
     num = mask.sum().to(torch.int)
@@ -45,9 +47,8 @@ def masked_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Te
 
 
 def forward_row(model: torch.nn.Module, b: RowTensors) -> torch.Tensor:
-    return model(
-        b.input_ids, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params
-    )
+    """Per-token losses of one micro-batch (last stage) or its hidden states."""
+    return token_losses(model, b)
 
 
 @contextlib.contextmanager

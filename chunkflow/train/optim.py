@@ -17,7 +17,7 @@ __all__ = ["wrap_ddp", "build_optimizer", "build_scheduler"]
 
 def wrap_ddp(model: torch.nn.Module, tc: TransformerConfig, cfg: Config) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=cfg.model.dtype != "fp32",
+        grad_reduce_in_fp32=cfg.model.dtype in ("bf16", "fp16"),
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.train.distributed_optimizer,
     )

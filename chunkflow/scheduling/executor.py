@@ -1,0 +1,127 @@
+"""Execute a ChunkFlow step on one pipeline stage set (PP=1): the state-aware schedule.
+
+The order of operations comes from the pure plan (:mod:`chunkflow.scheduling.plan`);
+this module only runs it: each action is a forward (with or without a graph), a
+recompute (forward with graph of a chunk whose first forward kept none), a backward,
+or freeing a long sample's K/V state.
+
+Loss and gradients: each chunk's loss is the *sum* of its per-token losses; after the
+last backward, megatron's ``finalize_model_grads`` all-reduces the number of loss
+tokens over data-parallel ranks and scales gradients by its inverse, exactly as in the
+Megatron baseline, so the gradient is that of the global per-token mean.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from megatron.core.distributed import finalize_model_grads
+
+from chunkflow.data.types import PackedRow
+from chunkflow.scheduling.memory import SavedTensorMeter
+from chunkflow.scheduling.state import ChunkContext, StateStore, chunk_context
+from chunkflow.train.batch import RowTensors, row_to_tensors
+from chunkflow.train.megatron_schedule import StepResult, forward_row, masked_loss
+
+__all__ = ["ChunkFlowSchedule", "ChunkStepResult", "run_chunk_forward"]
+
+
+@dataclass
+class ChunkStepResult(StepResult):
+    extra: dict = field(default_factory=dict)
+
+
+def _context(row: PackedRow, store: StateStore) -> Optional[ChunkContext]:
+    if not row.dependent:
+        return None
+    return ChunkContext(store=store, sample=row.sample_ids[0], chunk=row.chunk_index,
+                        num_chunks=row.num_chunks)
+
+
+def _tensors(row: PackedRow, device: torch.device) -> RowTensors:
+    # Dependent chunks run unpacked (sbhd, batch 1) so the hook sees one sequence;
+    # standalone chunks run as THD packs with per-sample causal attention.
+    return row_to_tensors(row, device, packed=not row.dependent)
+
+
+def run_chunk_forward(model: Any, row: PackedRow, b: RowTensors, store: StateStore,
+                      *, grad: bool) -> torch.Tensor:
+    """Forward one chunk; returns the sum of its per-token losses (a graph if ``grad``)."""
+    ctx = _context(row, store)
+    offset = int(row.position_ids[0]) if row.dependent and len(row) else 0
+    with chunk_context(ctx, offset), torch.set_grad_enabled(grad):
+        losses = forward_row(model, b)
+        return masked_loss(b.loss_mask, losses)[0]
+
+
+class ChunkFlowSchedule:
+    """``run(rows)`` for ``train.schedule: chunkflow`` with PP=1 (any TP and DP size)."""
+
+    name = "chunkflow"
+
+    def __init__(self, model: Any, device: torch.device, k: int, *, measure_memory: bool = False,
+                 finalize: bool = True):
+        self.model, self.device, self.k = model, device, k
+        self.measure_memory = measure_memory
+        self.finalize = finalize
+        self.last_actions: list = []
+
+    def run(self, rows: Sequence[PackedRow]) -> ChunkStepResult:
+        from chunkflow.scheduling.plan import plan_stage_actions
+
+        actions = plan_stage_actions(rows, self.k)
+        self.last_actions = actions
+        store = StateStore()
+        tensors: dict[int, RowTensors] = {}
+        live: dict[int, torch.Tensor] = {}
+        meter = SavedTensorMeter(exclude=self.model) if self.measure_memory else None
+        loss_sum, num_tokens, busy = 0.0, 0, 0.0
+        peak_state = 0
+        t_start = time.perf_counter()
+        with (meter if meter is not None else _null()):
+            for act in actions:
+                t0 = time.perf_counter()
+                mb = act.mb
+                row = rows[mb] if mb is not None else None
+                if act.kind in ("forward", "recompute"):
+                    if mb not in tensors:
+                        tensors[mb] = _tensors(row, self.device)
+                    b = tensors[mb]
+                    loss = run_chunk_forward(self.model, row, b, store, grad=act.keep_graph)
+                    if act.kind == "forward":  # count each chunk's loss once
+                        loss_sum += float(loss.detach())
+                        num_tokens += b.num_loss_tokens
+                    if act.keep_graph:
+                        live[mb] = loss
+                elif act.kind == "backward":
+                    loss = live.pop(mb)
+                    ctx = _context(row, store)
+                    offset = int(row.position_ids[0]) if row.dependent and len(row) else 0
+                    with chunk_context(ctx, offset):
+                        loss.backward()
+                    tensors.pop(mb, None)
+                elif act.kind == "free":
+                    store.free(act.sample)
+                peak_state = max(peak_state, store.nbytes())
+                busy += time.perf_counter() - t0
+        assert not live, f"plan left graphs alive for micro-batches {sorted(live)}"
+        if self.finalize:
+            finalize_model_grads([self.model], torch.tensor(num_tokens, dtype=torch.int))
+        wall = time.perf_counter() - t_start
+        extra = {"kv_state_peak_bytes": peak_state}
+        if meter is not None:
+            extra["saved_activation_peak_bytes"] = meter.peak_bytes
+            extra["saved_kv_peak_bytes"] = meter.peak_kv_bytes
+        return ChunkStepResult(loss_sum=loss_sum, num_loss_tokens=num_tokens, busy_s=busy,
+                               wall_s=wall, extra=extra)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

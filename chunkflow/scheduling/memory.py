@@ -1,0 +1,106 @@
+"""Measure activation memory: bytes of tensors autograd saves for backward.
+
+:class:`SavedTensorMeter` installs ``torch.autograd.graph.saved_tensors_hooks`` and
+counts every distinct storage saved for backward while it is alive (a storage saved by
+several ops counts once; parameters are excluded since they exist regardless). It
+reports the peak over the metered region, split in two:
+
+* ``peak_bytes``: activations, what ChunkFlow bounds by K x (one chunk);
+* ``peak_kv_bytes``: the concatenated K/V prefixes that dependent chunks attend to
+  (tagged by the attention hook via :func:`tag_kv`), which grow linearly with the
+  sample length by design and are accounted separately.
+
+Byte counts, not time: the numbers are deterministic for a given model and batch.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["SavedTensorMeter", "tag_kv"]
+
+_CURRENT: contextvars.ContextVar[Optional["SavedTensorMeter"]] = contextvars.ContextVar(
+    "chunkflow_saved_tensor_meter", default=None
+)
+
+
+def _key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def tag_kv(*tensors: torch.Tensor) -> None:
+    """Mark tensors as K/V state for the active meter (no-op without one)."""
+    meter = _CURRENT.get()
+    if meter is not None:
+        for t in tensors:
+            meter._kv.add(_key(t)[0])
+
+
+class _Saved:
+    __slots__ = ("tensor", "meter", "key", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, meter: "SavedTensorMeter", key: tuple[int, int]):
+        self.tensor, self.meter, self.key = tensor, meter, key
+        meter._inc(key)
+
+    def __del__(self) -> None:
+        self.meter._dec(self.key)
+
+
+class SavedTensorMeter:
+    def __init__(self, exclude: Optional[torch.nn.Module] = None):
+        self._refs: dict[tuple[int, int], int] = {}
+        self._kv: set[int] = set()
+        self._excluded = {_key(p)[0] for p in exclude.parameters()} if exclude is not None else set()
+        self.current_bytes = 0
+        self.current_kv_bytes = 0
+        self.peak_bytes = 0
+        self.peak_kv_bytes = 0
+        self._hooks: Any = None
+        self._token: Any = None
+
+    def _inc(self, key: tuple[int, int]) -> None:
+        n = self._refs.get(key, 0)
+        self._refs[key] = n + 1
+        if n == 0:
+            if key[0] in self._kv:
+                self.current_kv_bytes += key[1]
+                self.peak_kv_bytes = max(self.peak_kv_bytes, self.current_kv_bytes)
+            else:
+                self.current_bytes += key[1]
+                self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def _dec(self, key: tuple[int, int]) -> None:
+        n = self._refs.get(key, 0) - 1
+        if n > 0:
+            self._refs[key] = n
+            return
+        self._refs.pop(key, None)
+        if key[0] in self._kv:
+            self.current_kv_bytes -= key[1]
+        else:
+            self.current_bytes -= key[1]
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        key = _key(t)
+        if key[0] in self._excluded or isinstance(t, torch.nn.Parameter):
+            return t
+        return _Saved(t, self, key)
+
+    @staticmethod
+    def _unpack(p: Any) -> torch.Tensor:
+        return p.tensor if isinstance(p, _Saved) else p
+
+    def __enter__(self) -> "SavedTensorMeter":
+        self._token = _CURRENT.set(self)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+        _CURRENT.reset(self._token)
