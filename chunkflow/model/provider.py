@@ -125,6 +125,9 @@ def build_model(
         rotary_base=int(m.rope_base) if float(m.rope_base).is_integer() else m.rope_base,
         parallel_output=True,
     )
+    if m.dtype == "fp64":
+        # megatron's local norms are created in fp32 whatever params_dtype says.
+        model = model.double()
     rope = getattr(model, "rotary_pos_emb", None)
     if isinstance(rope, RotaryEmbedding) and type(rope) is RotaryEmbedding:
         rope.__class__ = OffsetRotaryEmbedding

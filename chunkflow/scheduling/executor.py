@@ -22,6 +22,7 @@ from megatron.core.distributed import finalize_model_grads
 
 from chunkflow.data.types import PackedRow
 from chunkflow.scheduling.memory import SavedTensorMeter
+from chunkflow.scheduling.plan import Backward, Forward, Free, Recompute, plan_single_stage
 from chunkflow.scheduling.state import ChunkContext, StateStore, chunk_context
 from chunkflow.train.batch import RowTensors, row_to_tensors
 from chunkflow.train.megatron_schedule import StepResult, forward_row, masked_loss
@@ -47,12 +48,17 @@ def _tensors(row: PackedRow, device: torch.device) -> RowTensors:
     return row_to_tensors(row, device, packed=not row.dependent)
 
 
+def _rope_offset(row: PackedRow) -> int:
+    """Dependent chunk j starts at absolute position j*C; packed rows restart per sample."""
+    return int(row.position_ids[0]) if row.dependent and len(row) else 0
+
+
 def run_chunk_forward(model: Any, row: PackedRow, b: RowTensors, store: StateStore,
                       *, grad: bool) -> torch.Tensor:
     """Forward one chunk; returns the sum of its per-token losses (a graph if ``grad``)."""
-    ctx = _context(row, store)
-    offset = int(row.position_ids[0]) if row.dependent and len(row) else 0
-    with chunk_context(ctx, offset), torch.set_grad_enabled(grad):
+    if len(row) == 0:  # an equalising empty row: nothing to run
+        return torch.zeros((), dtype=torch.float32, device=b.input_ids.device, requires_grad=grad)
+    with chunk_context(_context(row, store), _rope_offset(row)), torch.set_grad_enabled(grad):
         losses = forward_row(model, b)
         return masked_loss(b.loss_mask, losses)[0]
 
@@ -70,9 +76,7 @@ class ChunkFlowSchedule:
         self.last_actions: list = []
 
     def run(self, rows: Sequence[PackedRow]) -> ChunkStepResult:
-        from chunkflow.scheduling.plan import plan_stage_actions
-
-        actions = plan_stage_actions(rows, self.k)
+        actions = plan_single_stage(rows, self.k)
         self.last_actions = actions
         store = StateStore()
         tensors: dict[int, RowTensors] = {}
@@ -84,26 +88,26 @@ class ChunkFlowSchedule:
         with (meter if meter is not None else _null()):
             for act in actions:
                 t0 = time.perf_counter()
-                mb = act.mb
-                row = rows[mb] if mb is not None else None
-                if act.kind in ("forward", "recompute"):
+                if isinstance(act, (Forward, Recompute)):
+                    mb = act.mb
+                    row = rows[mb]
                     if mb not in tensors:
                         tensors[mb] = _tensors(row, self.device)
                     b = tensors[mb]
-                    loss = run_chunk_forward(self.model, row, b, store, grad=act.keep_graph)
-                    if act.kind == "forward":  # count each chunk's loss once
+                    keep = isinstance(act, Recompute) or act.keep_graph
+                    loss = run_chunk_forward(self.model, row, b, store, grad=keep)
+                    if isinstance(act, Forward):  # count each chunk's loss once
                         loss_sum += float(loss.detach())
                         num_tokens += b.num_loss_tokens
-                    if act.keep_graph:
+                    if keep:
                         live[mb] = loss
-                elif act.kind == "backward":
-                    loss = live.pop(mb)
-                    ctx = _context(row, store)
-                    offset = int(row.position_ids[0]) if row.dependent and len(row) else 0
-                    with chunk_context(ctx, offset):
+                elif isinstance(act, Backward):
+                    row = rows[act.mb]
+                    loss = live.pop(act.mb)
+                    with chunk_context(_context(row, store), _rope_offset(row)):
                         loss.backward()
-                    tensors.pop(mb, None)
-                elif act.kind == "free":
+                    tensors.pop(act.mb, None)
+                elif isinstance(act, Free):
                     store.free(act.sample)
                 peak_state = max(peak_state, store.nbytes())
                 busy += time.perf_counter() - t0

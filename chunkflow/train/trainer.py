@@ -94,7 +94,8 @@ class Trainer:
         self.step += 1
 
         loss = self._global_loss(result.loss_sum, plan.num_loss_tokens)
-        busy = torch.tensor([result.busy_s, wall], dtype=torch.float64)
+        # Bubble: share of the forward-backward wall time a stage spent not computing.
+        busy = torch.tensor([result.busy_s, result.wall_s], dtype=torch.float64)
         if dist.is_initialized() and ctx.pp_size > 1:
             parts = [torch.zeros_like(busy) for _ in range(ctx.pp_size)]
             dist.all_gather(parts, busy, group=ctx.pp_group)
