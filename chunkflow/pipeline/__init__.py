@@ -1,0 +1,46 @@
+"""State-aware 1F1B: the pure action table (``plan``) and its simulator (``simulate``).
+
+The executor that runs a :class:`PipelinePlan` on megatron-core lives beside these and is
+the only part that communicates.
+"""
+
+from chunkflow.pipeline.plan import (
+    PHASES,
+    Comm,
+    P2POp,
+    PipelinePlan,
+    Step,
+    build_pipeline_plan,
+    check_progress,
+    format_plan,
+    live_bound,
+    match_ops,
+    plain_1f1b_plan,
+    validate_plan,
+)
+from chunkflow.pipeline.simulate import Interval, Timeline, check_dependencies, simulate
+from chunkflow.scheduling.plan import Backward, ChunkRef, Forward, Free, Recompute
+
+__all__ = [
+    "PHASES",
+    "Backward",
+    "ChunkRef",
+    "Comm",
+    "Forward",
+    "Free",
+    "Interval",
+    "P2POp",
+    "PipelinePlan",
+    "Recompute",
+    "Step",
+    "Timeline",
+    "build_pipeline_plan",
+    "check_dependencies",
+    "check_progress",
+    "format_plan",
+    "live_bound",
+    "match_ops",
+    "plain_1f1b_plan",
+    "simulate",
+    "validate_plan",
+]
