@@ -66,14 +66,21 @@ def causal_attention(
     if heads != groups:
         k = k.repeat_interleave(heads // groups, dim=0)
         v = v.repeat_interleave(heads // groups, dim=0)
-    if sq == sk:
-        if on_inputs is not None:
-            on_inputs(k, v, None)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    mask = None
+    if sq != sk:
+        # Additive mask in q's dtype: the CPU kernel would otherwise convert a boolean
+        # mask to a float copy of its own and keep that for backward.
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        mask = torch.zeros(sq, sk, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
     if on_inputs is not None:
         on_inputs(k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # 4-D inputs: torch's CPU dispatcher picks its flash kernel (which saves only q, k, v,
+    # output and log-sum-exp for backward) for 4-D inputs, masked or not; 3-D inputs fall
+    # back to the math path that saves the (heads, sq, sk) probability matrix.
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale
+    )
+    return out[0]
 
 
 class SDPAAttention(DotProductAttention):

@@ -16,6 +16,7 @@ Byte counts, not time: the numbers are deterministic for a given model and batch
 from __future__ import annotations
 
 import contextvars
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -35,9 +36,14 @@ def _key(t: torch.Tensor) -> tuple[int, int]:
 def tag_kv(*tensors: torch.Tensor) -> None:
     """Mark tensors as K/V state for the active meter (no-op without one)."""
     meter = _CURRENT.get()
-    if meter is not None:
-        for t in tensors:
-            meter._kv.add(_key(t)[0])
+    if meter is None or not torch.is_grad_enabled():
+        return
+    for t in tensors:
+        ptr = _key(t)[0]
+        meter._kv.add(ptr)
+        # Forget the tag when the tensor dies, so a later activation that reuses the
+        # address is not counted as K/V.
+        weakref.finalize(t, meter._kv.discard, ptr)
 
 
 class _Saved:

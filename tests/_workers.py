@@ -1,0 +1,196 @@
+"""Functions run inside spawned ranks by the model-level tests (see run_distributed).
+
+Every worker builds the model from config overrides, loads the same *full* weights
+(made once by a world-size-1 run) into its TP/PP shard, runs a global batch and returns
+numbers the test compares. Keeping them here lets one spawn serve several checks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+warnings.filterwarnings("ignore")
+
+TINY = [
+    "model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=160",
+    "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=256",
+    "data.max_seq_len=512", "chunkflow.chunk_size=64",
+]
+
+
+def make_samples(lengths: Sequence[int], seed: int = 0, vocab: int = 256, mask_p: float = 0.2):
+    from chunkflow.data.types import Sample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        raw = rng.integers(0, vocab, n + 1)
+        mask = (rng.random(n) > mask_p).astype(np.float32)
+        mask[-1] = 1.0
+        out.append(Sample(i, raw[:-1].astype(np.int64), raw[1:].astype(np.int64), mask))
+    return out
+
+
+def setup(overrides: Sequence[str], full_state: Optional[dict] = None):
+    """Config, process groups, DDP-wrapped model (with ``full_state`` loaded if given)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from chunkflow.config import load_config
+    from chunkflow.model.provider import build_model, build_transformer_config
+    from chunkflow.model.state import load_full_state_dict
+    from chunkflow.parallel.distributed import init_distributed
+    from chunkflow.train.optim import wrap_ddp
+
+    cfg = load_config(None, list(TINY) + list(overrides))
+    ctx = init_distributed(cfg)
+    tc = build_transformer_config(cfg)
+    model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
+                        transformer_config=tc)
+    offset = ctx.pp_rank * cfg.model.num_layers // ctx.pp_size
+    if full_state is not None:
+        load_full_state_dict(model, full_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size,
+                             layer_offset=offset)
+    ddp = wrap_ddp(model, tc, cfg)
+    tc.finalize_model_grads_func = finalize_model_grads
+    tc.no_sync_func = ddp.no_sync
+    return cfg, ctx, ddp, offset
+
+
+def run_step(cfg, ctx, ddp, samples, schedule: str, *, k: Optional[int] = None,
+             chunk_size: Optional[int] = None, measure: bool = False) -> dict:
+    """One global batch through ``schedule``; returns loss, grads (by full name), extras."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
+    from chunkflow.model.state import global_name
+    from chunkflow.train.trainer import build_schedule
+
+    offset = ctx.pp_rank * cfg.model.num_layers // ctx.pp_size
+    c = cfg.chunkflow
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, schedule=schedule),
+        chunkflow=dataclasses.replace(c, k=k or c.k, chunk_size=chunk_size or c.chunk_size),
+    )
+    if schedule == "megatron":
+        plan = plan_megatron_step(samples, dp_size=ctx.dp_size, max_seq_len=cfg.data.max_seq_len)
+    else:
+        plan = plan_chunkflow_step(samples, dp_size=ctx.dp_size, chunk_size=cfg.chunkflow.chunk_size)
+    ddp.zero_grad_buffer()
+    runner = build_schedule(cfg, ddp, ctx)
+    if measure:
+        runner.measure_memory = True
+    res = runner.run(plan.rows_per_rank[ctx.dp_rank])
+    t = torch.tensor([res.loss_sum], dtype=torch.float64)
+    dist.all_reduce(t, group=ctx.dp_group)
+    grads = {global_name(n, offset): p.main_grad.detach().clone()
+             for n, p in ddp.module.named_parameters()}
+    return {
+        "loss": float(t[0]) / plan.num_loss_tokens,
+        "grads": grads,
+        "extra": dict(getattr(res, "extra", {}) or {}),
+        "is_last": ctx.is_last_stage,
+        "actions": getattr(runner, "last_actions", None),
+    }
+
+
+def full_reference(rank: int, world: int, overrides: Sequence[str], samples, seed: int = 0) -> dict:
+    """World size 1: the full weights and the Megatron path's loss and gradients."""
+    import torch
+
+    torch.manual_seed(seed)
+    cfg, ctx, ddp, _ = setup(list(overrides) + ["parallel.tensor=1", "parallel.pipeline=1"])
+    state = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    out = run_step(cfg, ctx, ddp, samples, "megatron")
+    return {"state": state, "loss": out["loss"], "grads": out["grads"]}
+
+
+def rel_diff(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def compare_sharded(grads: dict, ref: dict, ddp, ctx, offset: int) -> float:
+    """Max relative difference of this rank's gradient shards against full references."""
+    from chunkflow.model.state import global_name, shard_tensor
+
+    worst = 0.0
+    for n, p in ddp.module.named_parameters():
+        g = global_name(n, offset)
+        want = shard_tensor(ref[g], p, n, ctx.tp_rank, ctx.tp_size)
+        worst = max(worst, rel_diff(grads[g], want))
+    return worst
+
+
+def layout_check(rank: int, world: int, overrides, samples, ref: dict, runs) -> list:
+    """Run several (schedule, k, chunk_size) on one layout against the full reference."""
+    cfg, ctx, ddp, offset = setup(overrides, ref["state"])
+    results = []
+    for schedule, k, c in runs:
+        out = run_step(cfg, ctx, ddp, samples, schedule, k=k, chunk_size=c)
+        worst = compare_sharded(out["grads"], ref["grads"], ddp, ctx, offset)
+        loss = out["loss"] if ctx.is_last_stage else None
+        results.append({"run": (schedule, k, c), "grad": worst, "loss": loss})
+    return results
+
+
+def packing_logits(rank: int, world: int, lengths: Sequence[int]) -> dict:
+    """Logits of samples packed in one THD row vs each sample alone, and with the
+    neighbour's tokens changed (which must not move a sample's logits)."""
+    import torch
+
+    from chunkflow.data.packing import pack_samples
+    from chunkflow.train.batch import row_to_tensors
+
+    torch.manual_seed(0)
+    cfg, ctx, ddp, _ = setup([])
+    model = ddp.module
+    samples = make_samples(lengths, seed=5)
+    (row,) = pack_samples(samples, sum(lengths))
+    with torch.no_grad():
+        b = row_to_tensors(row, ctx.device)
+        packed = model(b.input_ids, b.position_ids, None, packed_seq_params=b.packed_seq_params)[0]
+        alone = {}
+        for s in samples:
+            ids = torch.from_numpy(s.input_ids)[None]
+            pos = torch.arange(len(s))[None]
+            alone[s.sample_id] = model(ids, pos, None)[0]
+        changed = b.input_ids.clone()
+        first = int(row.cu_seqlens[1])
+        changed[0, first:] = (changed[0, first:] + 7) % cfg.model.vocab_size
+        perturbed = model(changed, b.position_ids, None, packed_seq_params=b.packed_seq_params)[0]
+    out = {"max_diff": 0.0, "first_sample_moved": float((perturbed[:first] - packed[:first]).abs().max())}
+    for i, sid in enumerate(row.sample_ids):
+        a, e = int(row.cu_seqlens[i]), int(row.cu_seqlens[i + 1])
+        out["max_diff"] = max(out["max_diff"], float((packed[a:e] - alone[sid]).abs().max()))
+    out["rest_moved"] = float((perturbed[first:] - packed[first:]).abs().max())
+    return out
+
+
+def memory_profile(rank: int, world: int, chunk_size: int, k: int, multiples: Sequence[int]) -> list:
+    """Saved-for-backward bytes of both schedules as the longest sample grows."""
+    import torch
+
+    from chunkflow.scheduling.memory import SavedTensorMeter
+
+    torch.manual_seed(0)
+    cfg, ctx, ddp, _ = setup(["data.max_seq_len=4096", f"chunkflow.chunk_size={chunk_size}"])
+    rows = []
+    for m in multiples:
+        samples = make_samples([m * chunk_size, 40, 17, 9], seed=m)
+        with SavedTensorMeter(exclude=ddp.module) as meter:
+            run_step(cfg, ctx, ddp, samples, "megatron")
+        cf = run_step(cfg, ctx, ddp, samples, "chunkflow", k=k, measure=True)
+        rows.append({
+            "multiple": m,
+            "megatron_bytes": meter.peak_bytes + meter.peak_kv_bytes,
+            "chunkflow_activation_bytes": cf["extra"]["saved_activation_peak_bytes"],
+            "chunkflow_saved_kv_bytes": cf["extra"]["saved_kv_peak_bytes"],
+            "chunkflow_state_bytes": cf["extra"]["kv_state_peak_bytes"],
+        })
+    return rows
