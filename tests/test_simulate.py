@@ -142,3 +142,23 @@ def test_timeline_json_round_trip(tmp_path):
     with pytest.raises(ValueError, match="timeline"):
         Timeline.from_json({"stage": []})
     assert Timeline([[Interval("forward", 0, 0.0, 1.0)], []]).bubble_fraction == pytest.approx(0.5)
+
+
+def test_plot_script_draws_simulated_and_measured_timelines(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_schedule.py"
+    spec = importlib.util.spec_from_file_location("plot_schedule", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    png, js = tmp_path / "s.png", tmp_path / "t.json"
+    argv = ["--simulate", "--lengths", "4,2,1,1", "--chunk-size", "2", "--k", "1", "--stages", "4",
+            "-o", str(png), "--save-timeline", str(js), "--print"]
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bubble 57.1%" in out and "bubble 45.8%" in out and "R2 B2 x(0)" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert mod.main(["--timeline", str(js), "-o", str(tmp_path / "m.png")]) == 0
+    assert mod.main(["--timeline", str(tmp_path / "missing.json")]) == 2
