@@ -154,3 +154,14 @@ def test_errors_and_printout():
     assert text.splitlines()[0].startswith("stage 0  warmup  : F0")
     assert "R2 [rg2] B2" in text and "x(s1)" in text
     assert "[" not in format_plan(build_pipeline_plan(chunks_of([0, 3, 0]), 2, 1))
+
+
+def test_docstring_example_is_what_the_code_prints():
+    import chunkflow.pipeline.plan as mod
+
+    doc = mod.__doc__
+    start = doc.index("    stage 0  warmup  : F0\n")
+    block = doc[start:doc.index("\n\n", start)]
+    expected = "\n".join(line[4:] for line in block.splitlines())
+    chunks = [ChunkRef()] + [ChunkRef("s", j, 3) for j in range(3)] + [ChunkRef()]
+    assert format_plan(build_pipeline_plan(chunks, 2, 1), comm=True) == expected
