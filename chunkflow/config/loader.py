@@ -132,7 +132,8 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML at ``path`` (if any), then ``overrides``; then validated."""
+    """Defaults, then the YAML at ``path`` (if any), then ``overrides``; then the
+    architecture from ``model.hf_dir``'s config.json (if set); then validated."""
     from chunkflow.config.validate import validate_config
 
     cfg = Config()
@@ -146,6 +147,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         _merge(cfg, data, "")
     apply_overrides(cfg, overrides)
+    if cfg.model.hf_dir:  # the architecture comes from the HF config.json, not the YAML
+        from chunkflow.model.hf import apply_hf_config
+
+        apply_hf_config(cfg)
     validate_config(cfg)
     return cfg
 

@@ -46,6 +46,11 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dtype: str = "fp32"  # one of DTYPES; CPU runs use fp32 (no bf16 units here)
+    # Hugging Face model directory (config.json, *.safetensors, tokenizer.json) to start
+    # from: its config.json replaces the architecture fields above, its weights are
+    # loaded (each rank reads only its shard) unless train.load is set, and its
+    # tokenizer.json becomes data.tokenizer when that is empty. See docs/hf.md.
+    hf_dir: str = ""
 
 
 @dataclass
