@@ -8,6 +8,9 @@ Layout of ``<dir>``::
 
 Loading a directory written with another tensor/pipeline layout works for the model
 (megatron reshards on load); optimizer state is restored only with the same layout.
+A ``trainer.json`` with ``"model_only": true`` (a converted Hugging Face model, see
+``chunkflow.model.hf_convert``) holds weights only: optimizer, LR schedule and data
+position then start fresh.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def load_checkpoint(path: str | Path, *, model: Any, optimizer: Optional[Any]) -
     """Load model (and optimizer) state in place; return the trainer state dict."""
     path = Path(path)
     state = read_trainer_state(path)
+    if state.get("model_only"):  # written by import_hf: no optimizer state to restore
+        optimizer = None
     sd: dict[str, Any] = {"model": _model_sd(model)}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True)

@@ -62,6 +62,11 @@ class Trainer:
         model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
                             transformer_config=self.tc)
         model.to(ctx.device)
+        if cfg.model.hf_dir and not cfg.train.load:  # start from Hugging Face weights
+            from chunkflow.model.hf import load_hf_weights
+
+            n = load_hf_weights(model, cfg.model.hf_dir, cfg.model, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+            self.log(f"loaded {n:,} parameters of this rank from {cfg.model.hf_dir}")
         self.model = wrap_ddp(model, self.tc, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -74,8 +79,9 @@ class Trainer:
         if cfg.train.load:
             state = load_checkpoint(cfg.train.load, model=self.model, optimizer=self.optimizer)
             self.step = int(state["step"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.loader.load_state_dict(state["loader"])
+            if not state.get("model_only"):  # e.g. an imported HF model: weights only
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.loader.load_state_dict(state["loader"])
             self.log(f"resumed from {cfg.train.load} at step {self.step}")
         self.metrics = MetricsWriter(self.out_dir, ctx.is_logging_rank, append=bool(cfg.train.load))
 
