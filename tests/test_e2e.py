@@ -65,3 +65,12 @@ def test_chunkflow_pp1_matches_megatron_curve(tmp_path):
         assert a["tokens"] == b["tokens"]
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a["step"], a["loss"], b["loss"])
     assert all(r["schedule"] == "chunkflow" for r in cf)
+
+
+def test_chunkflow_pipeline_trains_like_megatron(tmp_path):
+    common = ("train.steps=6", "chunkflow.chunk_size=128", "chunkflow.k=2", "train.save_at_end=false")
+    meg = finetune(tmp_path / "meg", *common)
+    cf = finetune(tmp_path / "cf", *common, "train.schedule=chunkflow")
+    for a, b in zip(meg, cf):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a["step"], a["loss"], b["loss"])
+        assert 0.0 <= b["bubble_fraction"] < 1.0
