@@ -51,7 +51,7 @@ def draw(panels: list[Panel], path: str) -> None:
             y = t.num_stages - 1 - s
             ax.barh(y, t.makespan, left=0, height=0.8, color=COLORS["idle"], edgecolor="none")
             for iv in ivs:
-                hatch = "///" if iv.kind == "forward" and iv.mb in no_graph else None
+                hatch = "///" if iv.kind == "forward" and (iv.mb in no_graph or not iv.graph) else None
                 ax.barh(y, iv.end - iv.start, left=iv.start, height=0.8, color=COLORS[iv.kind],
                         edgecolor="white", linewidth=0.8, hatch=hatch)
                 if iv.end - iv.start > span / 80:

@@ -134,7 +134,7 @@ def test_timeline_json_round_trip(tmp_path):
     path = tmp_path / "timeline.json"
     t.save(path)
     data = json.loads(path.read_text())
-    assert set(data) == {"stages"} and set(data["stages"][0][0]) == {"kind", "mb", "start", "end"}
+    assert set(data) == {"stages"} and set(data["stages"][0][0]) == {"kind", "mb", "start", "end", "graph"}
     again = Timeline.load(path)
     assert again == t and again.bubble_fraction == t.bubble_fraction
     with pytest.raises(ValueError, match="kind"):

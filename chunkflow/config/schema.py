@@ -17,14 +17,24 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "ChunkFlowConfig",
+    "SpaCOConfig",
+    "LoRAConfig",
     "Config",
     "SCHEDULES",
+    "MODES",
+    "SPACO_SAMPLERS",
+    "LORA_TARGETS",
     "RECOMPUTE",
     "DTYPES",
     "OVERLONG",
 ]
 
 SCHEDULES = ("megatron", "chunkflow")
+MODES = ("chunkflow", "seco", "spaco")  # chunkflow.mode, see ChunkFlowConfig
+SPACO_SAMPLERS = ("bernoulli", "without_replacement")
+# LoRA targets, named like Hugging Face's projections; megatron fuses q/k/v into
+# linear_qkv and gate/up into linear_fc1 (each target then adapts its rows only).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 OVERLONG = ("error", "truncate", "drop")
@@ -111,12 +121,52 @@ class TrainConfig:
     save_at_end: bool = True
     load: str = ""  # checkpoint directory to start from (model, optimizer, data state)
     distributed_optimizer: bool = False
+    # Write <output_dir>/timeline.json (per-stage compute intervals of the last step,
+    # for scripts/plot_schedule.py --timeline); chunkflow schedule with PP > 1.
+    save_timeline: bool = False
+
+
+@dataclass
+class SpaCOConfig:
+    """Sparse chunk-wise optimisation (chunkflow.mode=spaco); see docs/seco_spaco.md."""
+
+    # t, the chunks of each long sample that are back-propagated: a whole number >= 1 is
+    # a count (capped at the sample's k chunks), a value in (0, 1) a fraction of k.
+    budget: float = 0.25
+    # bernoulli: each chunk independently with probability t/k (unbiased gradient);
+    # without_replacement: exactly t chunks (the paper's code; multi-hop terms biased
+    # low by prod_{r=1..q} (1 - r/t)/(1 - r/k) for a q-hop term).
+    sampler: str = "bernoulli"
+    # Cap on the compensation factor k/t applied to a chosen chunk's loss and to every
+    # K/V-gradient hand-off; 0 = no cap (unbiased). The paper's experiments use 2.
+    max_factor: float = 0.0
 
 
 @dataclass
 class ChunkFlowConfig:
     chunk_size: int = 256  # C: tokens per chunk
     k: int = 1  # K: chunks of one long sample whose activations may be alive at once
+    # With train.schedule=chunkflow: "chunkflow" (any K, any PP); "seco" = sequential
+    # chunk-wise optimisation, K = 1 and PP = 1 (exact; one chunk's activations alive);
+    # "spaco" = seco that back-propagates only a sampled subset of each long sample's
+    # chunks (chunkflow.spaco). Short samples (standalone chunks) always get a backward.
+    mode: str = "chunkflow"
+    spaco: SpaCOConfig = field(default_factory=SpaCOConfig)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (docs/lora.md): W x + (alpha / rank) B A dropout(x) on targets.
+
+    Base weights are frozen and left out of the optimizer; only A and B train.
+    """
+
+    enabled: bool = False
+    rank: int = 8  # r: inner dimension of A (r x in) and B (out x r)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input (train mode only)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # of LORA_TARGETS
+    seed: int = 0  # A's initialisation (B starts at zero); same on every rank
 
 
 @dataclass
@@ -126,3 +176,4 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

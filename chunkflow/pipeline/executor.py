@@ -136,8 +136,6 @@ class PipelineChunkFlowSchedule:
                     outbox[("activation", mb)] = out.detach()
                 if keep:
                     live[mb] = (inp, out)
-                if isinstance(act, Forward) and not keep:
-                    kind = "forward_nograd"
             elif isinstance(act, Backward):
                 mb, row = act.mb, rows[act.mb]
                 inp, out = live.pop(mb)
@@ -157,6 +155,7 @@ class PipelineChunkFlowSchedule:
             if kind != "free":
                 busy += end - t0
                 timeline.append({"kind": kind, "mb": getattr(act, "mb", None),
+                                 "graph": not isinstance(act, Forward) or act.keep_graph,
                                  "start": t0 - t_start, "end": end - t_start})
             peak_state = max(peak_state, store.nbytes())
 

@@ -65,6 +65,7 @@ class Interval:
     mb: int
     start: float
     end: float
+    graph: bool = True  # False: a forward that kept no graph (K/V only)
 
 
 @dataclass
@@ -98,7 +99,8 @@ class Timeline:
     @classmethod
     def from_json(cls, data: dict) -> "Timeline":
         try:
-            stages = [[Interval(str(d["kind"]), int(d["mb"]), float(d["start"]), float(d["end"]))
+            stages = [[Interval(str(d["kind"]), int(d["mb"]), float(d["start"]), float(d["end"]),
+                                bool(d.get("graph", True)))
                        for d in st] for st in data["stages"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a timeline: expected {{'stages': [[{{kind, mb, start, end}}]]}} ({e!r})")

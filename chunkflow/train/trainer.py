@@ -160,6 +160,8 @@ class Trainer:
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
                 self.save(self.out_dir / f"checkpoint_step{self.step}")
         elapsed = time.perf_counter() - t_start
+        if cfg.train.save_timeline:
+            self._save_timeline()
         ckpt = None
         if cfg.train.save_at_end:
             ckpt = self.out_dir / "checkpoint"
@@ -175,6 +177,23 @@ class Trainer:
             "output_dir": str(self.out_dir),
             "checkpoint": str(ckpt) if ckpt else None,
         }
+
+    def _save_timeline(self) -> None:
+        """Gather the last step's per-stage intervals onto the logging rank as JSON."""
+        timeline = getattr(self.schedule, "last_timeline", None)
+        if timeline is None or self.ctx.dp_rank != 0 or self.ctx.tp_rank != 0:
+            return
+        stages: list = [None] * self.ctx.pp_size
+        if dist.is_initialized() and self.ctx.pp_size > 1:
+            dist.all_gather_object(stages, timeline, group=self.ctx.pp_group)
+        else:
+            stages = [timeline]
+        if self.ctx.is_logging_rank:
+            import json
+
+            path = self.out_dir / "timeline.json"
+            path.write_text(json.dumps({"step": self.step, "stages": stages}))
+            self.log(f"timeline of step {self.step}: {path}")
 
     def save(self, path: Path) -> None:
         state = {
