@@ -25,6 +25,10 @@ def test_activation_memory_is_flat_in_sample_length(k):
     assert max(acts) <= 1.10 * min(acts), rows
     state_ratio = last["chunkflow_state_bytes"] / first["chunkflow_state_bytes"]
     assert 6.0 <= state_ratio <= 9.0, rows
+    # The K/V prefixes saved by the K live chunks grow linearly too (not quadratically,
+    # which is what keeping every chunk's prefix alive would give).
+    prefix_ratio = last["chunkflow_saved_kv_bytes"] / first["chunkflow_saved_kv_bytes"]
+    assert prefix_ratio <= 10.0, rows
     # Megatron: saved bytes grow at least ~linearly with the longest sample.
     assert last["megatron_bytes"] >= 5.0 * first["megatron_bytes"], rows
     # And at 32C ChunkFlow's activations are a small fraction of Megatron's.

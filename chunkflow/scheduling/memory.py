@@ -59,7 +59,7 @@ class _Saved:
 
 class SavedTensorMeter:
     def __init__(self, exclude: Optional[torch.nn.Module] = None):
-        self._refs: dict[tuple[int, int], int] = {}
+        self._refs: dict[tuple[int, int], list] = {}  # key -> [count, is_kv]
         self._kv: set[int] = set()
         self._excluded = {_key(p)[0] for p in exclude.parameters()} if exclude is not None else set()
         self.current_bytes = 0
@@ -70,23 +70,30 @@ class SavedTensorMeter:
         self._token: Any = None
 
     def _inc(self, key: tuple[int, int]) -> None:
-        n = self._refs.get(key, 0)
-        self._refs[key] = n + 1
-        if n == 0:
-            if key[0] in self._kv:
-                self.current_kv_bytes += key[1]
-                self.peak_kv_bytes = max(self.peak_kv_bytes, self.current_kv_bytes)
-            else:
-                self.current_bytes += key[1]
-                self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        entry = self._refs.get(key)
+        if entry is not None:
+            entry[0] += 1
+            return
+        # The category is fixed when the storage is first saved: the tagged tensor object
+        # may die (dropping its tag) while a saved alias of its storage lives on.
+        is_kv = key[0] in self._kv
+        self._refs[key] = [1, is_kv]
+        if is_kv:
+            self.current_kv_bytes += key[1]
+            self.peak_kv_bytes = max(self.peak_kv_bytes, self.current_kv_bytes)
+        else:
+            self.current_bytes += key[1]
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
 
     def _dec(self, key: tuple[int, int]) -> None:
-        n = self._refs.get(key, 0) - 1
-        if n > 0:
-            self._refs[key] = n
+        entry = self._refs.get(key)
+        if entry is None:
             return
-        self._refs.pop(key, None)
-        if key[0] in self._kv:
+        entry[0] -= 1
+        if entry[0] > 0:
+            return
+        del self._refs[key]
+        if entry[1]:
             self.current_kv_bytes -= key[1]
         else:
             self.current_bytes -= key[1]
