@@ -178,9 +178,14 @@ def plan_chunkflow_step(
     equalize: bool = False,
 ) -> StepPlan:
     """ChunkFlow: chunks of at most ``chunk_size`` tokens, balanced over ranks by cost,
-    each long sample's dependent chunks consecutive (ascending) on one rank."""
+    each long sample's dependent chunks consecutive (ascending) on one rank, long
+    samples before standalone chunks."""
     _check_common(samples, dp_size)
     chunks = build_chunks(samples, chunk_size)
+    # Long samples first on each rank: their no-graph forwards let the pipeline fill
+    # while standalone chunks are left to fill the gaps of the recompute/backward tail
+    # (simulated makespan of tiny_cpu batch 0 at PP=2, C=256, K=1: 6143 -> 5633).
+    chunks = [c for c in chunks if c.dependent] + [c for c in chunks if not c.dependent]
     if len(chunk_units(chunks)) < dp_size:
         chunks = _split_until(chunks, {s.sample_id: s for s in samples}, dp_size)
     rows = assign_chunks(chunks, dp_size, cost_model=cost_model, balance=balance)
