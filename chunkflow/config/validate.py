@@ -6,7 +6,8 @@ Each error names the setting and says which values would work.
 from __future__ import annotations
 
 from chunkflow.config.loader import ConfigError
-from chunkflow.config.schema import DTYPES, OVERLONG, RECOMPUTE, SCHEDULES, Config
+from chunkflow.config.schema import (DTYPES, LORA_TARGETS, MODES, OVERLONG, RECOMPUTE, SCHEDULES,
+                                     SPACO_SAMPLERS, Config)
 
 __all__ = ["validate_config", "validate_layout", "divisors"]
 
@@ -89,6 +90,57 @@ def validate_config(cfg: Config) -> None:
             f"data.synthetic.min_len={d.synthetic.min_len} must be in [1, data.max_seq_len="
             f"{d.max_seq_len}]"
         )
+    _validate_seco_spaco(cfg)
+    _validate_lora(cfg)
+
+
+def _validate_seco_spaco(cfg: Config) -> None:
+    c, s = cfg.chunkflow, cfg.chunkflow.spaco
+    _choice(c.mode, MODES, "chunkflow.mode")
+    _choice(s.sampler, SPACO_SAMPLERS, "chunkflow.spaco.sampler")
+    if s.budget <= 0 or (s.budget >= 1 and not float(s.budget).is_integer()):
+        raise ConfigError(
+            f"chunkflow.spaco.budget={s.budget} is invalid: use a whole number of chunks (>= 1) "
+            f"or a fraction of each long sample's chunks in (0, 1)"
+        )
+    if s.max_factor != 0 and s.max_factor < 1:
+        raise ConfigError(f"chunkflow.spaco.max_factor={s.max_factor} is invalid: use 0 (no cap) or >= 1")
+    if c.mode == "chunkflow":
+        return
+    if cfg.train.schedule != "chunkflow":
+        raise ConfigError(
+            f"chunkflow.mode={c.mode} runs on the chunk engine: set train.schedule=chunkflow "
+            f"(got train.schedule={cfg.train.schedule})"
+        )
+    if c.k != 1:
+        raise ConfigError(
+            f"chunkflow.mode={c.mode} keeps one chunk's activations alive (K = 1); got "
+            f"chunkflow.k={c.k}: set chunkflow.k=1, or use chunkflow.mode=chunkflow for K > 1"
+        )
+    if cfg.parallel.pipeline != 1:
+        raise ConfigError(
+            f"chunkflow.mode={c.mode} has no pipeline: set parallel.pipeline=1 (got "
+            f"{cfg.parallel.pipeline}), or use chunkflow.mode=chunkflow for the state-aware 1F1B"
+        )
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    if not lo.enabled:
+        return
+    if lo.rank < 1:
+        raise ConfigError(f"lora.rank={lo.rank} is invalid: use an integer >= 1")
+    _positive(lo.alpha, "lora.alpha")
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    bad = [t for t in lo.targets if t not in LORA_TARGETS]
+    if bad or not lo.targets:
+        raise ConfigError(
+            f"lora.targets={list(lo.targets)} is invalid{' (' + ', '.join(bad) + ')' if bad else ' (empty)'}: "
+            f"use one or more of {', '.join(LORA_TARGETS)}"
+        )
+    if cfg.parallel.sequence_parallel:
+        raise ConfigError("lora.enabled=true does not support parallel.sequence_parallel=true; set it to false")
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:

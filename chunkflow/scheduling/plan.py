@@ -26,12 +26,22 @@ prints it (one column per step; "-" = standalone)::
 ``F+`` keeps the graph, ``F-`` does not (K/V only), ``R`` is the recompute-forward and
 ``x`` frees the sample's state. With K = 2, s1 would be ``F+`` and need no ``R``.
 At PP=1 at most max(1, K) graphs are alive at once (:func:`max_live_activations`).
+
+SpaCO (``backprop``, :mod:`chunkflow.scheduling.spaco`) back-propagates only chosen
+chunks of a long sample. Same rows, K = 1, chunks {0, 2} of s chosen: s1 runs forward
+for its K/V only and is never rebuilt; the last *chosen* chunks keep their graphs::
+
+    mb  0 -      F+ B
+    mb  1 s:0          F-          R  B  x
+    mb  2 s:1             F-
+    mb  3 s:2                F+ B
+    mb  4 -                                 F+ B
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence, Union
+from typing import Collection, Hashable, Mapping, Optional, Sequence, Union
 
 from chunkflow.data.types import PackedRow
 
@@ -158,8 +168,16 @@ def _group(chunks: Sequence[ChunkRef]) -> list[tuple[Optional[Hashable], list[in
     return units
 
 
-def sample_programs(chunks: Sequence[ChunkRef], k: int) -> list[SampleProgram]:
-    """Split a rank's micro-batches into units and apply the K rules (module docstring)."""
+def sample_programs(chunks: Sequence[ChunkRef], k: int,
+                    backprop: Optional[Mapping[Hashable, Collection[int]]] = None) -> list[SampleProgram]:
+    """Split a rank's micro-batches into units and apply the K rules (module docstring).
+
+    ``backprop`` (SpaCO, :mod:`chunkflow.scheduling.spaco`): for a long sample listed in
+    it, only those chunk indices are back-propagated; the others run forward without a
+    graph only (K/V into the store) and are never rebuilt. The last K *selected* chunks
+    keep their graphs. A sample with no selected chunk gets a task that only frees it.
+    Samples not listed (and every standalone chunk) are back-propagated in full.
+    """
     _check_k(k)
     programs = []
     for sample, mbs in _group(chunks):
@@ -168,21 +186,30 @@ def sample_programs(chunks: Sequence[ChunkRef], k: int) -> list[SampleProgram]:
             programs.append(SampleProgram(None, (mb,), (Forward(mb, True),), ((Backward(mb),),)))
             continue
         n = len(mbs)
-        first_kept = max(n - k, 0)  # chunks j >= N-K keep their graphs
-        forwards = tuple(Forward(mb, j >= first_kept) for j, mb in enumerate(mbs))
+        chosen = sorted(set(range(n)) if backprop is None or sample not in backprop else
+                        {j for j in backprop[sample] if 0 <= j < n})
+        kept = set(chosen[-k:])  # without sampling: chunks j >= N-K keep their graphs
+        forwards = tuple(Forward(mb, j in kept) for j, mb in enumerate(mbs))
         tasks: list[tuple[Action, ...]] = []
-        for j in reversed(range(n)):
-            task: tuple[Action, ...] = (Backward(mbs[j]),) if j >= first_kept else (Recompute(mbs[j]), Backward(mbs[j]))
-            tasks.append(task + ((Free(sample),) if j == 0 else ()))
+        for j in reversed(chosen):
+            task: tuple[Action, ...] = (Backward(mbs[j]),) if j in kept else (Recompute(mbs[j]), Backward(mbs[j]))
+            tasks.append(task + ((Free(sample),) if j == chosen[0] else ()))
+        if not chosen:
+            tasks.append((Free(sample),))
         programs.append(SampleProgram(sample, tuple(mbs), forwards, tuple(tasks)))
     return programs
 
 
-def plan_single_stage(chunks: Sequence[Union[ChunkRef, PackedRow]], k: int) -> list[Action]:
-    """The PP=1 action list: each unit's forwards, then its backward tasks, unit by unit."""
+def plan_single_stage(chunks: Sequence[Union[ChunkRef, PackedRow]], k: int,
+                      backprop: Optional[Mapping[Hashable, Collection[int]]] = None) -> list[Action]:
+    """The PP=1 action list: each unit's forwards, then its backward tasks, unit by unit.
+
+    ``backprop`` restricts long samples' backward to chosen chunks (SpaCO, see
+    :func:`sample_programs`); None back-propagates everything (ChunkFlow, SeCO).
+    """
     refs = describe_rows(chunks) if chunks and isinstance(chunks[0], PackedRow) else list(chunks)
     actions: list[Action] = []
-    for prog in sample_programs(refs, k):
+    for prog in sample_programs(refs, k, backprop):
         actions.extend(prog.forwards)
         for task in prog.backward_tasks:
             actions.extend(task)
@@ -225,13 +252,17 @@ def live_activations_per_sample(actions: Sequence[Action], chunks: Sequence[Chun
     return peak
 
 
-def validate_actions(actions: Sequence[Action], chunks: Sequence[ChunkRef], k: int) -> None:
+def validate_actions(actions: Sequence[Action], chunks: Sequence[ChunkRef], k: int,
+                     backprop: Optional[Mapping[Hashable, Collection[int]]] = None) -> None:
     """Raise ``AssertionError`` naming the first broken rule of §2.2 in ``actions``.
 
     Holds for the PP=1 plan and, stage by stage, for the pipeline plan (whose stages
-    interleave units but never reorder a unit's own actions).
+    interleave units but never reorder a unit's own actions). With ``backprop`` (SpaCO)
+    only the chosen chunks of the listed samples may, and must, be back-propagated.
     """
-    expected = {p.sample: p for p in sample_programs(chunks, k) if p.sample is not None}
+    programs = sample_programs(chunks, k, backprop)
+    expected = {p.sample: p for p in programs if p.sample is not None}
+    want_bwd = {a.mb for p in programs for t in p.backward_tasks for a in t if isinstance(a, Backward)}
     fwd_done: set[int] = set()
     bwd_done: set[int] = set()
     freed: set = set()
@@ -258,7 +289,8 @@ def validate_actions(actions: Sequence[Action], chunks: Sequence[ChunkRef], k: i
         if s is None:
             continue
         mine[s].append(a)
-    assert fwd_done == bwd_done == set(range(len(chunks))), "some micro-batch is not run forward and backward"
+    assert fwd_done == set(range(len(chunks))), "some micro-batch is not run forward"
+    assert bwd_done == want_bwd, f"backward ran for {sorted(bwd_done)}, the rule wants {sorted(want_bwd)}"
     for s, prog in expected.items():
         want = list(prog.forwards) + [a for t in prog.backward_tasks for a in t]
         got = mine[s]

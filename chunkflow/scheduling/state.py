@@ -114,7 +114,11 @@ class StateStore:
 
 
 class _AddStoredGrad(torch.autograd.Function):
-    """Identity on ``x``; backward adds the gradient accumulated on the stored leaf."""
+    """Identity on ``x``; backward adds the gradient accumulated on the stored leaf.
+
+    ``entry_box = [entry, "k" | "v", scale]``: the stored gradient is multiplied by
+    ``scale`` on the way in (1 for exact training; SpaCO's per-hop factor k/t).
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, entry_box: list) -> torch.Tensor:  # type: ignore[override]
@@ -123,11 +127,12 @@ class _AddStoredGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        entry, which = ctx.entry_box
+        entry, which, scale = ctx.entry_box
         k_grad, v_grad = entry.grads()
         extra = k_grad if which == "k" else v_grad
         if extra is not None:
-            grad = grad + extra.to(grad.dtype)
+            extra = extra.to(grad.dtype)
+            grad = grad + (extra if scale == 1.0 else extra * scale)
         return grad, None
 
 
@@ -140,6 +145,9 @@ class ChunkContext:
     chunk: int
     num_chunks: int
     seen_layers: set = field(default_factory=set)
+    # Factor on the K/V gradient this chunk receives from later chunks (SpaCO's k/t per
+    # hop, chunkflow.scheduling.spaco); 1.0 = exact.
+    grad_scale: float = 1.0
 
     def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                packed_seq_params: Any) -> torch.Tensor:
@@ -155,8 +163,8 @@ class ChunkContext:
         entry = self.store.put(self.sample, layer, self.chunk, k, v)
         prefix = self.store.prefix(self.sample, layer, self.chunk)
         if torch.is_grad_enabled():
-            k_own = _AddStoredGrad.apply(k, [entry, "k"])
-            v_own = _AddStoredGrad.apply(v, [entry, "v"])
+            k_own = _AddStoredGrad.apply(k, [entry, "k", self.grad_scale])
+            v_own = _AddStoredGrad.apply(v, [entry, "v", self.grad_scale])
         else:
             k_own, v_own = k, v
         if prefix:
