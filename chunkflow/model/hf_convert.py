@@ -21,6 +21,8 @@ region, splits it into Hugging Face tensors and streams them into safetensors fi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -92,6 +94,21 @@ def _meta_device() -> Iterator[None]:
         LanguageModule._is_in_embd_group = original  # type: ignore[method-assign]
 
 
+def _return_freed_memory_to_os() -> None:
+    """Make glibc serve allocations >= 1 MiB with their own mappings, freed at once.
+
+    By default glibc raises its mmap threshold after large frees, after which tensors
+    of one conversion step come from the heap and the heap only grows: converting tensor
+    by tensor then looked like holding every tensor (measured: +530 MiB over 170
+    tensors). No-op where glibc's ``mallopt`` is not available.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value also stops the adjustment
+    except (OSError, AttributeError):
+        pass
+
+
 def _mmap_copy(t: torch.Tensor, path: Path) -> torch.Tensor:
     """``t`` copied into a shared file mapping: its pages belong to the page cache."""
     mapped = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
@@ -109,6 +126,7 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
     from chunkflow.model.provider import build_model
     from chunkflow.parallel.distributed import init_distributed
 
+    _return_freed_memory_to_os()
     ctx = init_distributed(cfg)
     m, out = cfg.model, Path(out)
     with _meta_device():
@@ -119,7 +137,8 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     offset = layer_offset(model)
     sd = model.sharded_state_dict(prefix="")
-    for key, entry in list(sd.items()):
+    for key in list(sd):
+        entry = sd[key]
         if isinstance(entry, ShardedObject):
             continue
         pm = param_map(global_name(key, offset), m)
@@ -135,10 +154,12 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
             for i, st in enumerate(built):
                 st.data = _mmap_copy(st.data, scratch / f"{key}.{i}")
             sd[key] = built
+            del entry, built, st, piece
+            gc.collect()  # the factory sits in reference cycles that would keep `piece`
         else:
             assert isinstance(entry, ShardedTensor), type(entry)
             entry.data = _mmap_copy(piece, scratch / key)
-        del piece
+            del piece
     reader.close()
     if ctx.rank == 0:
         (out / "model").mkdir(parents=True, exist_ok=True)
@@ -278,6 +299,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
     from chunkflow.model.provider import build_model
     from chunkflow.train.checkpoint import read_trainer_state
 
+    _return_freed_memory_to_os()
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     state = read_trainer_state(ckpt)
     meta_file = ckpt / "model" / "metadata.json"
