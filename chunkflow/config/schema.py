@@ -19,6 +19,7 @@ __all__ = [
     "ChunkFlowConfig",
     "SpaCOConfig",
     "LoRAConfig",
+    "BenchConfig",
     "Config",
     "SCHEDULES",
     "MODES",
@@ -170,6 +171,32 @@ class LoRAConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``scripts/benchmark.py``: Megatron's stock schedule against ChunkFlow on the same
+    model, batches, layout and memory budget (docs/benchmarks.md)."""
+
+    # Per-rank activation-memory budget in MiB: peak bytes saved for backward (plus, for
+    # ChunkFlow, the K/V prefixes, the K/V state store and the pipeline's recompute input
+    # cache), max over ranks. Megatron takes the cheapest recompute that fits it; a side
+    # that does not fit is reported as such. 0 = no budget.
+    memory_budget_mb: float = 0.0
+    # Optional cap on per-rank peak process memory in MiB (peak RSS on CPU, peak allocated
+    # device memory on GPU) during a step; 0 = reported but not checked.
+    peak_mem_budget_mb: float = 0.0
+    warmup_steps: int = 1  # untimed global batches per side before timing (>= 1; they probe memory)
+    timed_steps: int = 3  # timed global batches (the same ones, in the same order, for every side)
+    # Megatron's train.recompute: "auto" = the first of none, selective, full that fits
+    # memory_budget_mb; or one of RECOMPUTE to force it.
+    megatron_recompute: str = "auto"
+    # Sweep ChunkFlow over sweep_chunk_sizes x sweep_k (else run chunkflow.chunk_size/k)
+    # and compare Megatron with the fastest point that fits; also draws a PNG.
+    sweep: bool = False
+    sweep_chunk_sizes: list[int] = field(default_factory=list)  # empty = max_seq_len / 8, / 4, / 2
+    sweep_k: list[int] = field(default_factory=lambda: [1, 2, 4])
+    output: str = "runs/benchmark.json"  # the JSON report; the sweep PNG goes next to it (.png)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -177,3 +204,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
