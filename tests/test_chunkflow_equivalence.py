@@ -65,3 +65,14 @@ def test_two_ranks_match_the_full_reference(layout):
     per_rank = run_distributed(layout_check, 2, (layout + ["parallel.pipeline=1"], samples, ref, runs))
     for results in per_rank:
         _check(results, ref, 1e-5)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_megatron_activation_recompute_inside_chunks(recompute):
+    """megatron's recompute re-runs a chunk's forward inside backward: the chunk context
+    (K/V prefix, RoPE offset) must still be in force then, or gradients go wrong."""
+    samples = make_samples(LENGTHS, seed=4)
+    ref = run_distributed(full_reference, 1, ([], samples))[0]
+    results = run_distributed(layout_check, 1, ([f"train.recompute={recompute}"], samples, ref,
+                                                [("chunkflow", 1, 64), ("chunkflow", 2, 48)]))[0]
+    _check(results, ref, 1e-5)
