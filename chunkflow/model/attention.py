@@ -40,14 +40,16 @@ ATTENTION_HOOK: contextvars.ContextVar[Optional[Callable[..., Any]]] = contextva
     "chunkflow_attention_hook", default=None
 )
 
-try:  # GPU-only kernel, optional
+try:  # GPU-only kernels, optional
+    from flash_attn import flash_attn_func as _flash  # type: ignore
     from flash_attn import flash_attn_varlen_func as _flash_varlen  # type: ignore
 except Exception:  # pragma: no cover - not installed on CPU machines
-    _flash_varlen = None
+    _flash = _flash_varlen = None
 
 
 def flash_attn_available(t: torch.Tensor) -> bool:
-    return _flash_varlen is not None and t.is_cuda
+    """flash-attn is importable, the tensor is on a GPU and in a dtype it supports."""
+    return _flash_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
 
 
 def causal_attention(
@@ -63,6 +65,14 @@ def causal_attention(
     """
     heads, sq, _ = q.shape
     groups, sk, _ = k.shape
+    if flash_attn_available(q):  # pragma: no cover - needs CUDA
+        # flash-attn's causal mask is aligned bottom-right when sq < sk, and it reads
+        # GQA groups directly: (1, s, heads, d) layout.
+        if on_inputs is not None:
+            on_inputs(k, v, None)
+        out = _flash(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                     softmax_scale=scale, causal=True)
+        return out[0].transpose(0, 1)
     if heads != groups:
         k = k.repeat_interleave(heads // groups, dim=0)
         v = v.repeat_interleave(heads // groups, dim=0)
