@@ -56,7 +56,7 @@ setup_mcore_new() {  # megatron-core 0.17+ declares Python >= 3.12; its wheel ru
     "$venv/bin/pip" install -q numpy "packaging>=24.2" psutil
   fi
   "$venv/bin/pip" install -q --no-deps -e .
-  "$venv/bin/pip" install -q pyyaml tokenizers pytest hypothesis safetensors matplotlib
+  "$venv/bin/pip" install -q pyyaml tokenizers pytest hypothesis safetensors matplotlib "transformers>=4.45"
   rm -f "$venv"/.chunkflow-*
   touch "$stamp"
 }

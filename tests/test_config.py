@@ -124,3 +124,10 @@ def test_resolved_config_round_trips(tmp_path):
     assert data["train"]["steps"] == 11
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_tensor_size_must_divide_vocab_and_ffn():
+    with pytest.raises(ConfigError, match=r"parallel.tensor=2 does not divide model.vocab_size=511"):
+        load_config(None, ["parallel.tensor=2", "model.vocab_size=511"])
+    with pytest.raises(ConfigError, match=r"model.ffn_hidden_size=345.*use one of 1"):
+        load_config(None, ["parallel.tensor=2", "model.ffn_hidden_size=345"])

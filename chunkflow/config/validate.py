@@ -66,6 +66,14 @@ def validate_config(cfg: Config) -> None:
             f"{m.num_attention_heads} and model.num_query_groups={m.num_query_groups}; "
             f"use one of {_joined(common)}"
         )
+    for key, size in (("vocab_size", m.vocab_size), ("ffn_hidden_size", m.ffn_hidden_size)):
+        if size % p.tensor:
+            ok = [t for t in divisors(size) if t <= 64 and m.num_attention_heads % t == 0
+                  and m.num_query_groups % t == 0]
+            raise ConfigError(
+                f"parallel.tensor={p.tensor} does not divide model.{key}={size} (sharded "
+                f"across tensor ranks); use one of {_joined(ok)}"
+            )
     if m.num_layers % p.pipeline:
         raise ConfigError(
             f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}; "

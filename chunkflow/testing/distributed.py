@@ -88,7 +88,9 @@ def _run_once(fn: Callable, world_size: int, args: Sequence[Any], timeout_s: flo
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, tuple(args), queue, dict(env or {})), daemon=True)
+        # Not daemonic: megatron's checkpoint saving starts helper processes, which a
+        # daemonic process may not. The finally-block below reaps every rank.
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, tuple(args), queue, dict(env or {})), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
