@@ -194,3 +194,31 @@ def memory_profile(rank: int, world: int, chunk_size: int, k: int, multiples: Se
             "chunkflow_state_bytes": cf["extra"]["kv_state_peak_bytes"],
         })
     return rows
+
+
+def forward_only_loss(rank: int, world: int, overrides, samples, ref: dict) -> Optional[float]:
+    """Evaluation through StateAwarePipelineSchedule(forward_only=True), Megatron-style."""
+    from functools import partial
+
+    from chunkflow.data.plan import plan_chunkflow_step
+    from chunkflow.pipeline.executor import StateAwarePipelineSchedule
+    from chunkflow.train.batch import row_to_tensors
+    from chunkflow.train.megatron_schedule import masked_loss
+
+    cfg, ctx, ddp, _ = setup(overrides, ref["state"])
+    plan = plan_chunkflow_step(samples, dp_size=1, chunk_size=cfg.chunkflow.chunk_size)
+    rows = plan.rows_per_rank[0]
+
+    def forward_step(data_iterator, model):
+        row = next(data_iterator)["row"]
+        b = row_to_tensors(row, ctx.device, packed=not row.dependent)
+        out = model(b.input_ids, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)
+        return out, partial(masked_loss, b.loss_mask)
+
+    fb = StateAwarePipelineSchedule(k=1, pp_group=ctx.pp_group)
+    reports = fb(forward_step_func=forward_step, data_iterator=iter([{"row": r} for r in rows]),
+                 model=[ddp], num_microbatches=len(rows), seq_length=cfg.chunkflow.chunk_size,
+                 micro_batch_size=1, forward_only=True)
+    if not ctx.is_last_stage:
+        return None
+    return sum(float(r["lm loss"][0]) for r in reports) / plan.num_loss_tokens

@@ -33,3 +33,29 @@ def test_pipeline_matches_full_reference(layout, world):
                 losses += 1
                 assert abs(r["loss"] - ref["loss"]) <= 1e-5 * ref["loss"], r
     assert losses >= len(RUNS)  # the last stage reported every run's loss
+
+
+def test_signature_matches_megatrons_pipeline_schedule():
+    import inspect
+
+    from megatron.core.pipeline_parallel.schedules import (
+        forward_backward_pipelining_without_interleaving as megatron_fb,
+    )
+
+    from chunkflow.pipeline.executor import StateAwarePipelineSchedule
+
+    ours = inspect.signature(StateAwarePipelineSchedule.__call__).parameters
+    theirs = inspect.signature(megatron_fb).parameters
+    for name, p in theirs.items():
+        assert name in ours, f"missing keyword {name}"
+        assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY
+        assert (ours[name].default is inspect.Parameter.empty) == (p.default is inspect.Parameter.empty), name
+
+
+def test_forward_only_evaluation_matches_full_sequence_loss():
+    samples = make_samples(LENGTHS, seed=6)
+    ref = run_distributed(full_reference, 1, ([], samples))[0]
+    from _workers import forward_only_loss
+
+    losses = run_distributed(forward_only_loss, 2, (["parallel.pipeline=2"], samples, ref))
+    assert losses[0] is None and abs(losses[1] - ref["loss"]) <= 1e-5 * ref["loss"], (losses, ref["loss"])

@@ -1,7 +1,9 @@
 """State-aware 1F1B: the pure action table (``plan``) and its simulator (``simulate``).
 
-The executor that runs a :class:`PipelinePlan` on megatron-core lives beside these and is
-the only part that communicates.
+The executor that runs a :class:`PipelinePlan` on megatron-core
+(``chunkflow.pipeline.executor.StateAwarePipelineSchedule``, a drop-in for megatron's
+``forward_backward_pipelining_without_interleaving``) lives beside these and is the
+only part that communicates; import it from there (it needs megatron-core).
 """
 
 from chunkflow.pipeline.plan import (
