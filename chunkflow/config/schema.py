@@ -168,6 +168,9 @@ class LoRAConfig:
     dropout: float = 0.0  # dropout on the adapter's input (train mode only)
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # of LORA_TARGETS
     seed: int = 0  # A's initialisation (B starts at zero); same on every rank
+    # Adapter directory (adapter_model.safetensors + adapter_config.json, as written to
+    # <checkpoint>/adapter) to start from; empty = fresh adapters. train.load still wins.
+    load: str = ""
 
 
 @dataclass

@@ -135,6 +135,8 @@ def _validate_seco_spaco(cfg: Config) -> None:
 def _validate_lora(cfg: Config) -> None:
     lo = cfg.lora
     if not lo.enabled:
+        if lo.load:
+            raise ConfigError(f"lora.load={lo.load!r} needs lora.enabled=true")
         return
     if lo.rank < 1:
         raise ConfigError(f"lora.rank={lo.rank} is invalid: use an integer >= 1")

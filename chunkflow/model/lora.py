@@ -305,9 +305,9 @@ def save_adapters(model: torch.nn.Module, path: str | Path, *, rank: int = 0, wo
     mine = adapter_state(model)
     cfg = _config_of(model)
     if dist.is_initialized() and dist.get_world_size(world_group) > 1:
-        every: list = [None] * dist.get_world_size(world_group)
-        dist.all_gather_object(every, {k: v.cpu() for k, v in mine.items()}, group=world_group)
-        mine = {k: v for d in every for k, v in d.items()}
+        every: Optional[list] = [None] * dist.get_world_size(world_group) if rank == 0 else None
+        dist.gather_object({k: v.cpu() for k, v in mine.items()}, every, dst=0, group=world_group)
+        mine = {k: v for d in every or [] for k, v in d.items()}
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in sorted(mine.items())}, str(path / ADAPTER_FILE))

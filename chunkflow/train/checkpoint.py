@@ -10,7 +10,8 @@ Loading a directory written with another tensor/pipeline layout works for the mo
 (megatron reshards on load); optimizer state is restored only with the same layout.
 A ``trainer.json`` with ``"model_only": true`` (a converted Hugging Face model, see
 ``chunkflow.model.hf_convert``) holds weights only: optimizer, LR schedule and data
-position then start fresh.
+position then start fresh. A model with LoRA adapters (``lora.enabled``) loading a
+checkpoint without adapters takes its base weights only, the same way (step 0).
 """
 
 from __future__ import annotations
@@ -61,13 +62,23 @@ def read_trainer_state(path: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+def _saved_keys(model_dir: Path) -> set:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata)
+
+
 def load_checkpoint(path: str | Path, *, model: Any, optimizer: Optional[Any]) -> dict:
     """Load model (and optimizer) state in place; return the trainer state dict."""
     path = Path(path)
     state = read_trainer_state(path)
+    sd: dict[str, Any] = {"model": _model_sd(model)}
+    adapters = [getattr(v, "key", k) for k, v in sd["model"].items() if ".lora_" in k]
+    if adapters and adapters[0] not in _saved_keys(path / "model"):  # a base model for LoRA
+        sd["model"] = {k: v for k, v in sd["model"].items() if ".lora_" not in k}
+        state = {**state, "model_only": True, "step": 0}
     if state.get("model_only"):  # written by import_hf: no optimizer state to restore
         optimizer = None
-    sd: dict[str, Any] = {"model": _model_sd(model)}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True)
     loaded = dist_checkpointing.load(sd, str(path / "model"))

@@ -67,6 +67,18 @@ class Trainer:
 
             n = load_hf_weights(model, cfg.model.hf_dir, cfg.model, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
             self.log(f"loaded {n:,} parameters of this rank from {cfg.model.hf_dir}")
+        if cfg.lora.enabled:  # freeze the base, add adapters; before DDP sizes its grad buffers
+            from chunkflow.model.lora import apply_lora, load_adapters
+
+            lo = cfg.lora
+            names = apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+                               targets=lo.targets, seed=lo.seed)
+            if lo.load:
+                load_adapters(model, lo.load)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.log(f"LoRA r={lo.rank} on {', '.join(lo.targets)}: {len(names)} adapter tensors, "
+                     f"{trainable:,} trainable parameters on this rank"
+                     + (f" (from {lo.load})" if lo.load else ""))
         self.model = wrap_ddp(model, self.tc, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -93,6 +105,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if hasattr(self.schedule, "step"):  # SpaCO keys its chunk draws by step
+            self.schedule.step = self.step
         result = self.schedule.run(rows)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -203,3 +217,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, trainer_state=state, rank=self.ctx.rank)
+        if self.cfg.lora.enabled:  # the adapters on their own, any-layout (lora.load reads them)
+            from chunkflow.model.lora import save_adapters
+
+            save_adapters(self.model, path / "adapter", rank=self.ctx.rank)
