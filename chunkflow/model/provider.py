@@ -98,6 +98,10 @@ def build_transformer_config(cfg: Config, *, variable_seq_lengths: bool = True) 
     )
     if "recompute_modules" in kwargs and "recompute_modules" not in TransformerConfig.__dataclass_fields__:
         kwargs.pop("recompute_modules")  # pragma: no cover - older megatron-core
+    # No CUDA graphs. The field's default "full" is itself deprecated (a warning per
+    # config); 0.19 renamed cuda_graph_scope to cuda_graph_modules.
+    fields = TransformerConfig.__dataclass_fields__
+    kwargs["cuda_graph_modules" if "cuda_graph_modules" in fields else "cuda_graph_scope"] = []
     return TransformerConfig(**kwargs)
 
 

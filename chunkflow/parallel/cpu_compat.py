@@ -12,8 +12,22 @@ megatron modules that make such calls their own view of ``torch``:
 * :class:`_CudaView` answers ``current_device()`` with the CPU device, makes
   ``synchronize``/``empty_cache``/stream calls no-ops and keeps the RNG functions on
   the CPU generator, so megatron's RNG tracker keeps per-rank streams on the CPU.
+* megatron's gradient clipping asserts ``grad.type() == 'torch.cuda.FloatTensor'``;
+  :func:`_clip_grads_cpu` does the same scaling without the assertion.
+* A few megatron methods use tensor *methods*, which no module view can reach: the
+  fp16/bf16 and distributed optimizers' constructors sort parameters by
+  ``param.type()`` and reject ``torch.FloatTensor``, and tied embeddings with PP>1 call
+  ``weight.data.cuda()``. While just those methods run, :func:`_cuda_tensor_methods`
+  makes ``tensor.type()`` report the CUDA type name and ``tensor.cuda()`` a no-op.
+* On CPU the "CUDA" RNG and the CPU RNG are one generator, so megatron's tracker
+  warns "CPU RNG state changed" after every fork that draws numbers; that one log
+  line is dropped.
 * A stand-in for megatron-core >= 0.17's MoE-only ``paged_stash`` kernels module,
   which imports triton unconditionally (we never use MoE).
+
+:func:`quiet_megatron_notices` is separate and device-independent: it drops a few
+upstream notices about things chunkflow chose deliberately (GPTModel with the local
+spec, synchronous checkpoint saves, no TE/apex/absl), so real warnings stay visible.
 
 :func:`apply_cpu_compat` installs all of it and is a no-op when CUDA is available.
 It must run before megatron modules are used (importing them is fine: the patch
@@ -23,15 +37,21 @@ replaces the module-level ``torch`` name they look up at call time).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
+import logging
 import sys
 import types
+import warnings
 from typing import Any
 
 import torch
 
-__all__ = ["apply_cpu_compat", "cpu_compat_active", "prepare_megatron_import", "PATCHED_MODULES"]
+__all__ = [
+    "apply_cpu_compat", "cpu_compat_active", "prepare_megatron_import", "quiet_megatron_notices",
+    "PATCHED_MODULES",
+]
 
 # Modules that call CUDA-only APIs on paths chunkflow uses (model build, RoPE,
 # schedules and p2p, DDP buffers, optimizer, grad clipping, RNG tracker).
@@ -198,13 +218,109 @@ def _clip_grads_cpu(parameters: Any, max_norm: float, total_norm: float,
     same operation without the device assertion.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    coeff = max_norm / (total_norm + 1.0e-6)
+    coeff = max_norm / (float(total_norm) + 1.0e-6)  # total_norm is a tensor in some versions
     if coeff >= 1.0:
         return
     for p in params:
         g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
         if g is not None:
             g.detach().mul_(coeff)
+
+
+@contextlib.contextmanager
+def _cuda_tensor_methods():
+    """While active, ``tensor.type()`` names a CPU tensor's CUDA twin
+    (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``) and ``tensor.cuda()`` returns
+    the tensor unchanged; ``type(dtype)`` conversions are untouched."""
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    def cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    torch.Tensor.type, torch.Tensor.cuda = type_, cuda  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = original_type, original_cuda  # type: ignore[method-assign]
+
+
+def _with_cuda_tensor_methods(fn: Any) -> Any:
+    if getattr(fn, "_chunkflow_wrapped", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_tensor_methods():
+            return fn(*args, **kwargs)
+
+    wrapped._chunkflow_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+# (module, class, method) run under _cuda_tensor_methods.
+_TENSOR_METHOD_USERS = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule",
+     "setup_embeddings_and_output_layer"),
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# Upstream notices about choices chunkflow made on purpose, or about megatron's own calls
+# into deprecated torch APIs: nothing a user of chunkflow can act on.
+# (logger name, message prefixes): GPTModel is deprecated in 0.19 for HybridModel, whose
+# stock spec needs transformer-engine; 0.19 logs "async save is deprecated" on every
+# synchronous save too.
+_LOG_NOTICES = (
+    ("megatron.core.models.gpt.gpt_model", ("GPTModel IS DEPRECATED",)),
+    ("megatron.core.dist_checkpointing.strategies.torch", ("MCore's async save is deprecated",)),
+)
+# (message regex, category) for warnings.filterwarnings.
+_WARNING_NOTICES = (
+    (r".*(Transformer Engine|Apex)( and Apex)? (is|are) not installed", UserWarning),
+    (r"absl\.logging is not installed", UserWarning),
+    (r"MimoModelConfig is experimental", UserWarning),  # imported by get_megatron_optimizer
+    (r"If you are using transformer_engine as the transformer implementation", UserWarning),
+    # megatron's dist_checkpointing on torch.distributed.checkpoint:
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    (r"`load_state_dict` is deprecated and will be removed", FutureWarning),  # 0.16
+    (r"The argument order of load has been changed", UserWarning),  # 0.19
+    (r"torch\.distributed is (disabled, )?unavailable or uninitialized", UserWarning),  # 0.19
+    # megatron's distributed optimizer on torch 2.13:
+    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning),
+)
+# CUDA-only advice, dropped only where there is no CUDA.
+_CPU_WARNING_NOTICES = (
+    (r"When using async grad allreduce it is recommended to set the environment variable CUDA_", UserWarning),
+)
+
+
+def quiet_megatron_notices() -> None:
+    """Silence the upstream notices listed above (and nothing else). Idempotent."""
+    for name, prefixes in _LOG_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(*prefixes))
+    notices = _WARNING_NOTICES + (() if torch.cuda.is_available() else _CPU_WARNING_NOTICES)
+    for message, category in notices:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _stub_paged_stash() -> None:
@@ -228,8 +344,11 @@ def _stub_paged_stash() -> None:
 
 
 def prepare_megatron_import() -> None:
-    """What must happen before ``import megatron.core`` (run by ``import chunkflow``)."""
+    """What must happen before ``import megatron.core`` (run by ``import chunkflow``):
+    the triton-free ``paged_stash`` stand-in, and the notice filters (some notices are
+    issued while megatron's modules are imported)."""
     _stub_paged_stash()
+    quiet_megatron_notices()
 
 
 def cpu_compat_active() -> bool:
@@ -259,9 +378,14 @@ def apply_cpu_compat(force: bool = False) -> bool:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
+    # One generator plays both roles on CPU, so this check in fork() always fires.
+    logging.getLogger(random.__name__).addFilter(_DropMessages("CPU RNG state changed within GPU RNG"))
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         module = importlib.import_module(name)
         if hasattr(module, "clip_grad_by_total_norm_fp32"):
             module.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
+    for module_name, class_name, method in _TENSOR_METHOD_USERS:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        setattr(cls, method, _with_cuda_tensor_methods(cls.__dict__[method]))
     _active = True
     return True
