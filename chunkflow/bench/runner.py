@@ -1,0 +1,297 @@
+"""Megatron's stock schedule against ChunkFlow: same model, batches, layout and budget.
+
+Every rank runs :func:`run_benchmark`; decisions are taken on numbers gathered from all
+ranks, so every rank takes the same branch. One global batch list, one initial weight
+state, several *sides* (a schedule with its settings)::
+
+    batches : the first warmup_steps + timed_steps global batches of the configured data
+    plans   : Megatron packs each batch into rows of data.max_seq_len (THD);
+              ChunkFlow cuts the same batch into chunks of C (one plan per C)
+    probe   : Megatron with recompute none -> selective -> full runs the warm-up batches;
+              the first whose activation peak fits bench.memory_budget_mb is kept.
+              Every ChunkFlow point (C, K) runs the warm-up batches too.
+    time    : for each timed batch, every side in turn (round robin, the order reversed
+              every other batch: background load hits every side alike), all ranks
+              released together by a barrier
+    check   : every side's per-step loss and gradient norm equal Megatron's
+
+No optimizer step: each step is forward + backward from the same initial weights, so all
+sides do the same math and the loss check is exact (the optimizer's cost is the same for
+both sides and is left out of the timing). Every model is built from one saved initial
+state; sides that share a recompute setting share a model (ChunkFlow runs without
+megatron recompute: K bounds its memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+
+from chunkflow.bench.config import MIB, chunkflow_points, megatron_candidates, validate_bench
+from chunkflow.bench.measure import ProcessMemory, input_cache_peak_bytes
+from chunkflow.config.schema import Config
+from chunkflow.data.plan import StepPlan, plan_chunkflow_step, plan_megatron_step
+from chunkflow.parallel.distributed import ParallelContext
+from chunkflow.scheduling.memory import SavedTensorMeter
+
+__all__ = ["Side", "run_benchmark", "bench_worker"]
+
+
+@dataclass
+class Side:
+    """One way to run the global batches, and what was measured (``records[step]`` holds
+    one dict per rank, in rank order)."""
+
+    schedule: str  # "megatron" | "chunkflow"
+    recompute: str  # megatron's train.recompute ("none" for ChunkFlow)
+    plans: list[StepPlan]
+    chunk_size: Optional[int] = None
+    k: Optional[int] = None
+    runner: Any = None
+    records: dict[int, list[dict]] = field(default_factory=dict)
+    timed: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.schedule == "megatron":
+            return f"megatron recompute={self.recompute}"
+        return f"chunkflow C={self.chunk_size} K={self.k}"
+
+    def activation_peak(self) -> int:
+        return max((r["activation_bytes"] for rs in self.records.values() for r in rs), default=0)
+
+    def mem_peak(self) -> int:
+        return max((r["mem_peak_bytes"] for rs in self.records.values() for r in rs), default=0)
+
+    def fits(self, cfg: Config) -> bool:
+        b = cfg.bench
+        act_ok = b.memory_budget_mb <= 0 or self.activation_peak() <= b.memory_budget_mb * MIB
+        mem_ok = b.peak_mem_budget_mb <= 0 or self.mem_peak() <= b.peak_mem_budget_mb * MIB
+        return act_ok and mem_ok
+
+
+class _Bench:
+    def __init__(self, cfg: Config, ctx: ParallelContext, log: Callable[[str], None]):
+        from chunkflow.data.assignment import CostModel
+        from chunkflow.data.dataset import load_samples
+        from chunkflow.data.loader import GlobalBatchLoader
+
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        b, d = cfg.bench, cfg.data
+        samples, self.data_desc = load_samples(d, vocab_size=cfg.model.vocab_size)
+        loader = GlobalBatchLoader(samples, global_batch_size=d.global_batch_size, seed=d.seed, shuffle=d.shuffle)
+        self.batches = [next(loader) for _ in range(b.warmup_steps + b.timed_steps)]
+        self.warmup = list(range(b.warmup_steps))
+        self.timed = list(range(b.warmup_steps, len(self.batches)))
+        self.cost_model = CostModel.from_model_config(cfg.model)
+        self.memory = ProcessMemory(ctx.device)
+        self.models: dict[str, Any] = {}
+        self.init_state: Optional[dict] = None
+
+    # ------------------------------------------------------------------ plans, models
+    def megatron_plans(self) -> list[StepPlan]:
+        return [plan_megatron_step(b, dp_size=self.ctx.dp_size, max_seq_len=self.cfg.data.max_seq_len,
+                                   cost_model=self.cost_model) for b in self.batches]
+
+    def chunkflow_plans(self, chunk_size: int) -> list[StepPlan]:
+        return [plan_chunkflow_step(b, dp_size=self.ctx.dp_size, chunk_size=chunk_size,
+                                    cost_model=self.cost_model) for b in self.batches]
+
+    def side_config(self, side: Side) -> Config:
+        c = self.cfg
+        train = dataclasses.replace(c.train, schedule=side.schedule, recompute=side.recompute)
+        chunk = dataclasses.replace(c.chunkflow, chunk_size=side.chunk_size or c.chunkflow.chunk_size,
+                                    k=side.k or c.chunkflow.k, mode="chunkflow")
+        return dataclasses.replace(c, train=train, chunkflow=chunk)
+
+    def model(self, recompute: str) -> Any:
+        """The DDP-wrapped model for a recompute setting, built once, from the initial state."""
+        if recompute in self.models:
+            return self.models[recompute]
+        from chunkflow.model.provider import build_model, build_transformer_config
+        from chunkflow.train.optim import wrap_ddp
+
+        cfg, ctx = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, recompute=recompute)), self.ctx
+        tc = build_transformer_config(cfg)
+        model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
+                            transformer_config=tc).to(ctx.device)
+        if self.init_state is None:
+            if cfg.model.hf_dir:
+                from chunkflow.model.hf import load_hf_weights
+
+                load_hf_weights(model, cfg.model.hf_dir, cfg.model, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+            self.init_state = {k: v.detach().clone() if torch.is_tensor(v) else v
+                               for k, v in model.state_dict().items()}
+        else:
+            model.load_state_dict(self.init_state)
+        ddp = wrap_ddp(model, tc, cfg)
+        tc.finalize_model_grads_func = finalize_model_grads
+        tc.no_sync_func = ddp.no_sync
+        self.models[recompute] = ddp
+        return ddp
+
+    def release(self, recompute: str) -> None:
+        self.models.pop(recompute, None)
+        gc.collect()
+
+    def attach_runner(self, side: Side) -> None:
+        from chunkflow.train.trainer import build_schedule
+
+        side.runner = build_schedule(self.side_config(side), self.model(side.recompute), self.ctx)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, side: Side, i: int) -> dict:
+        """Run global batch ``i`` through ``side`` on this rank; returns this rank's record."""
+        ctx, ddp = self.ctx, self.models[side.recompute]
+        rows = side.plans[i].rows_per_rank[ctx.dp_rank]
+        self.memory.start()
+        dist.barrier()  # every rank starts the step together
+        t0 = time.perf_counter()
+        ddp.zero_grad_buffer()
+        with SavedTensorMeter(exclude=ddp.module) as meter:
+            result = side.runner.run(rows)
+        wall = time.perf_counter() - t0
+        extra = getattr(result, "extra", None) or {}
+        cache = 0
+        pipeline_plan = getattr(side.runner, "last_plan", None)
+        if side.schedule == "chunkflow" and pipeline_plan is not None:
+            mc = ddp.module.config
+            cache = input_cache_peak_bytes(
+                pipeline_plan.actions(ctx.pp_rank), rows, first_stage=ctx.is_first_stage,
+                hidden=mc.hidden_size, bytes_per_value=torch.tensor([], dtype=mc.params_dtype).element_size(),
+                seq_div=ctx.tp_size if mc.sequence_parallel else 1)
+        kv_state = int(extra.get("kv_state_peak_bytes", 0))
+        return {
+            "rank": ctx.rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank,
+            "loss_rank": ctx.is_last_stage and ctx.tp_rank == 0,
+            "wall_s": wall, "busy_s": float(result.busy_s), "run_wall_s": float(result.wall_s),
+            "loss_sum": float(result.loss_sum), "num_loss_tokens": int(result.num_loss_tokens),
+            "saved_activation_bytes": int(meter.peak_bytes), "kv_prefix_bytes": int(meter.peak_kv_bytes),
+            "kv_state_bytes": kv_state, "input_cache_bytes": int(cache),
+            "activation_bytes": int(meter.peak_bytes + meter.peak_kv_bytes + kv_state + cache),
+            "mem_before_bytes": int(self.memory.before), "mem_peak_bytes": int(self.memory.peak()),
+            "grad_sq": _grad_sq(ddp) if ctx.dp_rank == 0 else 0.0,
+            "micro_batches": len(rows),
+        }
+
+    def run_steps(self, side: Side, steps: list[int]) -> None:
+        local = {i: self.step(side, i) for i in steps}
+        self.collect(side, local)
+
+    def collect(self, side: Side, local: dict[int, dict]) -> None:
+        gathered: list = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, local)
+        for i in local:
+            side.records[i] = [g[i] for g in gathered]
+
+    # ------------------------------------------------------------------ phases
+    def probe_megatron(self) -> tuple[Side, list[Side]]:
+        """Try the recompute candidates on the warm-up batches; the first that fits wins."""
+        plans = self.megatron_plans()
+        tried: list[Side] = []
+        names = megatron_candidates(self.cfg)
+        for n, recompute in enumerate(names):
+            side = Side("megatron", recompute, plans)
+            self.attach_runner(side)
+            self.run_steps(side, self.warmup)
+            tried.append(side)
+            fits = side.fits(self.cfg)
+            self.log(f"probe  {side.name:<32} activations {side.activation_peak() / MIB:9.1f} MiB  "
+                     f"peak mem {side.mem_peak() / MIB:8.1f} MiB  -> {'fits' if fits else 'over budget'}")
+            if fits or n == len(names) - 1:
+                return side, tried
+            side.runner = None
+            if recompute != "none":  # ChunkFlow shares the recompute-free model
+                self.release(recompute)
+        raise AssertionError("unreachable")
+
+    def probe_chunkflow(self) -> list[Side]:
+        sides, plans_by_c = [], {}
+        for c, k in chunkflow_points(self.cfg):
+            plans = plans_by_c.setdefault(c, self.chunkflow_plans(c))
+            side = Side("chunkflow", "none", plans, chunk_size=c, k=k)
+            self.attach_runner(side)
+            self.run_steps(side, self.warmup)
+            self.log(f"probe  {side.name:<32} activations {side.activation_peak() / MIB:9.1f} MiB  "
+                     f"peak mem {side.mem_peak() / MIB:8.1f} MiB  -> "
+                     f"{'fits' if side.fits(self.cfg) else 'over budget'}")
+            sides.append(side)
+        return sides
+
+    def time_round_robin(self, sides: list[Side]) -> None:
+        local: dict[int, dict[int, dict]] = {id(s): {} for s in sides}
+        for n, i in enumerate(self.timed):
+            for side in (sides if n % 2 == 0 else sides[::-1]):  # alternate who goes first
+                local[id(side)][i] = self.step(side, i)
+            if self.ctx.rank == 0:
+                self.log(f"timed  batch {i - len(self.warmup) + 1}/{len(self.timed)}: " + "  ".join(
+                    f"{s.name} {local[id(s)][i]['wall_s']:.2f}s" for s in sides))
+        for side in sides:
+            self.collect(side, local[id(side)])
+            side.timed = True
+
+
+def _grad_sq(ddp: Any) -> float:
+    """Sum of squared gradients of this rank's parameters (fp64)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in ddp.module.parameters():
+        g = getattr(p, "main_grad", None)
+        g = p.grad if g is None else g
+        if g is not None:
+            total += g.detach().double().pow(2).sum().cpu()
+    return float(total)
+
+
+def run_benchmark(cfg: Config, ctx: ParallelContext, *, log: Callable[[str], None] = print,
+                  argv: Optional[list[str]] = None) -> dict:
+    """Run every side on this process group; returns the report (same dict on every rank)."""
+    from chunkflow.bench.report import build_report, machine_description
+
+    validate_bench(cfg)
+    t_start = time.perf_counter()
+    machine = machine_description(cfg, ctx)
+    bench = _Bench(cfg, ctx, log if ctx.rank == 0 else (lambda _msg: None))
+    bench.log(f"data: {bench.data_desc}; {len(bench.warmup)} warm-up + {len(bench.timed)} timed global "
+              f"batches of {cfg.data.global_batch_size} samples; layout tp={ctx.tp_size} pp={ctx.pp_size} "
+              f"dp={ctx.dp_size}; budget {cfg.bench.memory_budget_mb or 'none'} MiB")
+    megatron, tried = bench.probe_megatron()
+    points = bench.probe_chunkflow()
+    bench.time_round_robin([megatron] + points)
+    machine["loadavg_end"] = _loadavg()
+    machine["elapsed_s"] = time.perf_counter() - t_start
+    return build_report(cfg, ctx, megatron=megatron, tried=tried, points=points,
+                        timed=bench.timed, warmup=bench.warmup, machine=machine,
+                        data_desc=bench.data_desc, argv=argv)
+
+
+def _loadavg() -> Optional[list[float]]:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def bench_worker(rank: int, world: int, config: Optional[str], overrides: list[str],
+                 argv: Optional[list[str]] = None) -> dict:
+    """Entry of one spawned rank (``chunkflow.testing.distributed.run_distributed``)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from chunkflow.config import load_config
+    from chunkflow.parallel.distributed import destroy_distributed, init_distributed
+
+    cfg = load_config(config, overrides)
+    ctx = init_distributed(cfg)
+    try:
+        return run_benchmark(cfg, ctx, log=lambda m: print(m, flush=True), argv=argv)
+    finally:
+        destroy_distributed()

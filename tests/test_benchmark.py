@@ -1,0 +1,148 @@
+"""scripts/benchmark.py on a tiny model: report structure, memory-budget decisions, and the
+loss-equality check (including that it fails when one side's math differs). Never timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chunkflow.bench import check_losses, chunkflow_points, megatron_candidates, validate_bench
+from chunkflow.config import ConfigError, load_config
+from chunkflow.testing.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=160", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.vocab_size=256", "data.max_seq_len=256", "data.global_batch_size=6",
+    "data.synthetic.num_samples=64", "data.synthetic.long_fraction=0.2", "data.synthetic.max_len_fraction=0.1",
+    "data.synthetic.short_fraction=0.6", "data.synthetic.medium_fraction=0.2",
+    "chunkflow.chunk_size=64", "chunkflow.k=1", "bench.warmup_steps=1", "bench.timed_steps=2",
+]
+SIDE_KEYS = {"tokens_per_s", "tflops_per_s", "peak_mem_bytes", "peak_activation_bytes", "bubble_fraction",
+             "recompute_overhead", "tokens_per_s_spread", "fits_budget", "losses", "grad_norms", "step_time_s"}
+
+
+# ---------------------------------------------------------------- pure parts
+def test_config_choices_and_errors():
+    cfg = load_config(None, TINY)
+    assert megatron_candidates(cfg) == ["none", "selective", "full"]
+    assert chunkflow_points(cfg) == [(64, 1)]
+    cfg = load_config(None, TINY + ["bench.sweep=true", "bench.sweep_k=2,1", "bench.megatron_recompute=full"])
+    assert megatron_candidates(cfg) == ["full"]
+    assert chunkflow_points(cfg) == [(32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2)]
+    for bad, message in [("bench.warmup_steps=0", "bench.warmup_steps=0"),
+                         ("bench.megatron_recompute=most", "bench.megatron_recompute='most'"),
+                         ("bench.sweep_chunk_sizes=64,512", "bench.sweep_chunk_sizes has [512]"),
+                         ("bench.memory_budget_mb=-1", "bench.memory_budget_mb=-1")]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            validate_bench(load_config(None, TINY + [bad]))
+
+
+def test_check_losses_flags_differences():
+    ref = {"name": "m", "steps": [0, 1], "losses": [2.0, 3.0], "grad_norms": [1.0, 1.0]}
+    same = {"name": "a", "steps": [0, 1], "losses": [2.0 * (1 + 1e-7), 3.0], "grad_norms": [1.0, 1.0]}
+    off = {"name": "b", "steps": [1], "losses": [3.003], "grad_norms": [1.0]}
+    assert check_losses(ref, [same], 1e-5)["ok"]
+    out = check_losses(ref, [same, off], 1e-5)
+    assert not out["ok"] and [s["ok"] for s in out["sides"]] == [True, False]
+    assert out["max_rel_loss_diff"] == pytest.approx(1e-3)
+
+
+def test_recompute_flops_and_input_cache():
+    from chunkflow.bench.measure import (chunkflow_recompute_flops, forward_flops, input_cache_peak_bytes,
+                                         megatron_recompute_flops)
+    from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
+    from chunkflow.pipeline.plan import build_pipeline_plan
+    from chunkflow.pipeline.simulate import samples_of_lengths
+
+    m = load_config(None, TINY).model
+    samples = samples_of_lengths([256, 20, 30])  # one sample of 4 chunks of 64, two short ones
+    cplan = plan_chunkflow_step(samples, dp_size=1, chunk_size=64)
+    # K=1 recomputes chunks 0, 1, 2: their attention against the prefix adds up to (3C)^2
+    want = forward_flops(m, num_tokens=192, attention_sq=192**2)
+    assert chunkflow_recompute_flops(m, cplan, 1) == pytest.approx(want)
+    assert chunkflow_recompute_flops(m, cplan, 4) == 0.0
+    mplan = plan_megatron_step(samples, dp_size=1, max_seq_len=256)
+    full = megatron_recompute_flops(m, mplan, "full")
+    assert full == pytest.approx(forward_flops(m, num_tokens=306, attention_sq=256**2 + 20**2 + 30**2,
+                                               output_layer=False))
+    assert 0 < megatron_recompute_flops(m, mplan, "selective") < full
+    # stage 1 of 2 caches the inputs of the 3 no-graph chunks until their recompute
+    rows = cplan.rows_per_rank[0]
+    actions = build_pipeline_plan(rows, 2, 1).actions(1)
+    assert input_cache_peak_bytes(actions, rows, first_stage=False, hidden=64, bytes_per_value=4) == 3 * 64 * 64 * 4
+    assert input_cache_peak_bytes(actions, rows, first_stage=True, hidden=64, bytes_per_value=4) == 0
+
+
+# ---------------------------------------------------------------- runs
+def _bench(rank: int, world: int, overrides: list, perturb: bool = False) -> dict:
+    if perturb:  # one side computes different math: ChunkFlow's loss (and gradient) scaled
+        import chunkflow.scheduling.executor as ex
+
+        original = ex.masked_loss
+        ex.masked_loss = lambda mask, out: (lambda r: (r[0] * 1.001,) + tuple(r[1:]))(original(mask, out))
+    from chunkflow.bench import bench_worker
+
+    return bench_worker(rank, world, None, overrides)
+
+
+def _check_side(side: dict, timed: int) -> None:
+    assert SIDE_KEYS <= set(side), SIDE_KEYS - set(side)
+    assert side["tokens_per_s"] > 0 and side["peak_activation_bytes"] > 0 and side["peak_mem_bytes"] > 0
+    assert 0.0 <= side["bubble_fraction"] <= 1.0
+    assert len(side["step_time_s"]) == timed and len(side["losses"]) == timed + 1
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_script_sweep_pp2_writes_report_and_png(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--sweep", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
+           *TINY, "bench.sweep_chunk_sizes=64,128", "bench.sweep_k=1,2", f"bench.output={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "speedup" in proc.stdout and "loss check: OK" in proc.stdout
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").is_file()
+    assert report["mode"] == "sweep" and report["machine"]["world_size"] == 2
+    assert report["config"]["parallel"]["pipeline"] == 2 and report["config"]["bench"]["sweep"] is True
+    assert report["speedup"] == pytest.approx(report["chunkflow"]["tokens_per_s"] / report["megatron"]["tokens_per_s"])
+    assert len(report["sweep"]) == 4 and {(s["chunk_size"], s["k"]) for s in report["sweep"]} == {
+        (64, 1), (64, 2), (128, 1), (128, 2)}
+    for side in [report["megatron"], report["chunkflow"], *report["sweep"]]:
+        _check_side(side, timed=2)
+    assert report["megatron"]["recompute"] == "none" and report["megatron"]["recompute_overhead"] == 0.0
+    assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 4
+    k1 = next(s for s in report["sweep"] if s["k"] == 1 and s["chunk_size"] == 64)
+    assert k1["recompute_overhead"] > 0  # the tiny data has samples longer than 2 chunks
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_budget_decides_recompute_and_fit():
+    report = run_distributed(_bench, 1, (TINY + ["parallel.pipeline=1", "bench.memory_budget_mb=0.001"],),
+                             timeout_s=600)[0]
+    tried = report["megatron_candidates"]
+    assert [c["recompute"] for c in tried] == ["none", "selective", "full"]
+    assert not any(c["fits_budget"] for c in tried)
+    assert report["megatron"]["recompute"] == "full" and not report["both_fit_budget"]
+    assert report["megatron"]["recompute_overhead"] > 0.2  # one extra forward of every layer
+    # full recompute keeps less than no recompute; every candidate computed the same loss
+    assert tried[2]["peak_activation_bytes"] < tried[0]["peak_activation_bytes"]
+    assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 3
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_loss_check_fails_when_math_differs():
+    report = run_distributed(_bench, 1, (TINY + ["parallel.pipeline=1"], True), timeout_s=600)[0]
+    lc = report["loss_check"]
+    assert not lc["ok"]
+    assert lc["max_rel_loss_diff"] == pytest.approx(1e-3, rel=1e-3)
+    _check_side(report["chunkflow"], timed=2)
