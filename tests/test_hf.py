@@ -190,6 +190,21 @@ def _finetune_worker(rank, world, hf_dir, data_path, out_dir):
             "logits": megatron_logits(fresh, ctx, TOKENS)}
 
 
+def _lora_finetune_worker(rank, world, hf_dir, data_path, out_dir):
+    """Fine-tune LoRA adapters from an HF directory; logits of the adapted model."""
+    from chunkflow.train.trainer import Trainer
+
+    _allow_checkpoint_writers()
+    cfg, ctx, _ = _model_for([
+        f"model.hf_dir={hf_dir}", f"data.path={data_path}", "lora.enabled=true", "lora.rank=4",
+        "data.global_batch_size=4", "train.steps=3", "train.lr=0.05", "train.warmup_steps=0",
+        f"train.output_dir={out_dir}",
+    ])
+    trainer = Trainer(cfg, ctx, log=lambda *a: None)
+    summary = trainer.train()
+    return {"checkpoint": summary["checkpoint"], "logits": megatron_logits(trainer.model, ctx, TOKENS)}
+
+
 # --------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
@@ -268,6 +283,22 @@ def test_finetune_from_hf_dir_then_export(hf_models, tmp_path):
     logits = hf_logits(model)
     assert (logits - ref["qwen2"]).abs().max() > 1e-2  # the run changed the weights
     assert (logits - last["logits"]).abs().max() < 1e-5
+
+
+def test_lora_finetune_exports_merged_weights(hf_models, tmp_path):
+    _, dirs, ref = hf_models
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["hello world again", "chunks of text"] * 4))
+    (result,) = run_distributed(_lora_finetune_worker, 1, (str(dirs["qwen2"]), str(data), str(tmp_path / "run")),
+                                timeout_s=300)
+    out = tmp_path / "exported"
+    cli = subprocess.run([sys.executable, str(ROOT / "scripts/convert_hf.py"), "export", "--ckpt",
+                          result["checkpoint"], "--hf-dir", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    logits = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval())
+    assert (logits - ref["qwen2"]).abs().max() > 1e-3  # the adapters changed the model
+    assert (logits - result["logits"]).abs().max() < 1e-5  # merged export == adapted model
 
 
 # --------------------------------------------------------------------------- errors

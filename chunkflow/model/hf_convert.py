@@ -287,9 +287,41 @@ def _find_hf_source(ckpt: Path, state: dict) -> Optional[Path]:
     return None
 
 
+def _read_adapters(ckpt: Path) -> Optional[tuple[dict, dict]]:
+    """LoRA adapters saved beside the checkpoint (``<ckpt>/adapter``), if any."""
+    from chunkflow.model.lora import ADAPTER_CONFIG, ADAPTER_FILE
+
+    path = ckpt / "adapter"
+    if not (path / ADAPTER_FILE).is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path / ADAPTER_FILE)), json.loads((path / ADAPTER_CONFIG).read_text())
+
+
+def _merge_adapters(name: str, full: torch.Tensor, adapters: Optional[tuple[dict, dict]],
+                    m: ModelConfig) -> torch.Tensor:
+    """``full`` with this weight's LoRA delta folded in (exports are merged models)."""
+    if adapters is None or not name.endswith(".weight"):
+        return full
+    from chunkflow.model.lora import merge_full_state
+
+    tensors, acfg = adapters
+    layer = name[: -len(".weight")]
+    mine = {k: v for k, v in tensors.items() if k.rsplit(".", 2)[0] == layer}
+    if not mine:
+        return full
+    merged = merge_full_state({name: full}, mine, num_attention_heads=m.num_attention_heads,
+                              num_query_groups=m.num_query_groups, alpha=acfg["alpha"], rank=acfg["rank"])
+    return merged[name]
+
+
 def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
               max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Write ``ckpt`` (a chunkflow checkpoint of any layout) as a Hugging Face directory.
+
+    LoRA adapters saved with the checkpoint (``<ckpt>/adapter``) are merged into the
+    exported weights.
 
     Needs a world-size-1 process group (``init_distributed``) for megatron to describe
     the full model. ``dtype`` defaults to the source config's, else the checkpoint's.
@@ -321,8 +353,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
     metadata = reader.read_metadata()
     torch_dtype = getattr(torch, DTYPE_NAMES[out_dtype])
     writer = SafetensorsWriter(out_dir, hf_specs(m, torch_dtype), max_shard_bytes=max_shard_bytes)
+    adapters = _read_adapters(ckpt)
     for pm in megatron_params(m):
         full = _read_full(sd.pop(pm.name), reader, metadata)
+        full = _merge_adapters(pm.name, full, adapters, m)
         for name, tensor in to_hf(pm, full, m):
             writer.write(name, tensor.to(torch_dtype))
         del full
