@@ -323,10 +323,6 @@ def _attempt(fn, *args):
 
 
 def _two_rank_facts(rank: int, world: int, ckpt_dir: str) -> dict:
-    import multiprocessing
-
-    # megatron's checkpoint writer may start helper processes; spawned ranks are daemonic.
-    multiprocessing.current_process().daemon = False
     from chunkflow.config import load_config
     from chunkflow.parallel.distributed import init_distributed
 
