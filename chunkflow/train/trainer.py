@@ -47,7 +47,9 @@ def build_schedule(cfg: Config, model: Any, ctx: ParallelContext) -> Any:
 
 class Trainer:
     def __init__(self, cfg: Config, ctx: ParallelContext, *, log: Any = print):
-        self.cfg, self.ctx, self.log = cfg, ctx, log
+        self.cfg, self.ctx = cfg, ctx
+        # One rank speaks: the one that also writes metrics (last stage, first TP/DP rank).
+        self.log = log if ctx.is_logging_rank else (lambda *a, **k: None)
         self.out_dir = Path(cfg.train.output_dir)
         if ctx.rank == 0:
             dump_config(cfg, self.out_dir / "config.yaml")
