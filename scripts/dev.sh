@@ -69,11 +69,13 @@ demo() {
 run_tests() {
   setup
   echo "== test suite (megatron-core $("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("megatron-core"))'))"
-  "$VENV/bin/python" -m pytest -q "$@"
+  # Each run gets its own pytest temp root: concurrent sessions sharing the default one
+  # can prune each other's directories.
+  "$VENV/bin/python" -m pytest -q --basetemp "$(mktemp -d)" "$@"
   setup_mcore_new
   local venv="$VENV-mcore${MCORE_NEW//./}"
   echo "== megatron-core $MCORE_NEW: tests marked 'megatron'"
-  "$venv/bin/python" -m pytest -q -m megatron "$@"
+  "$venv/bin/python" -m pytest -q -m megatron --basetemp "$(mktemp -d)" "$@"
 }
 
 cmd=${1:-}
