@@ -171,6 +171,9 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
         state = {"step": 0, "model_only": True, "config": config_to_dict(cfg),
                  "hf": {"source": str(Path(hf_dir).resolve()), "files": files}}
         (out / "trainer.json").write_text(json.dumps(state, indent=1))
+    # No rank returns before the checkpoint is complete: a caller that goes on to load it
+    # (same process group) must not read hf/config.json while rank 0 is writing it.
+    torch.distributed.barrier()
     del sd
     shutil.rmtree(scratch, ignore_errors=True)
 
