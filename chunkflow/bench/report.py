@@ -190,7 +190,24 @@ def machine_description(cfg: Config, ctx: Any) -> dict:
     }
     if ctx.device.type == "cuda":  # pragma: no cover - GPU only
         out["gpu"] = torch.cuda.get_device_name(ctx.device)
+    out.update(_git_state())
     return out
+
+
+def _git_state() -> dict:
+    """The chunkflow checkout's commit and whether it has local changes (best effort)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if head.returncode != 0:
+        return {}
+    return {"git_commit": head.stdout.strip(), "git_modified_files": len(status.stdout.splitlines())}
 
 
 def _row(s: dict) -> str:
