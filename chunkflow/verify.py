@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import finalize_model_grads
 
 from chunkflow.config.schema import Config
 from chunkflow.parallel.distributed import ParallelContext
@@ -71,28 +70,17 @@ def verify_equivalence(cfg: Config, ctx: ParallelContext, *, full_state: Optiona
     from chunkflow.data.dataset import load_samples
     from chunkflow.data.loader import GlobalBatchLoader
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
-    from chunkflow.model.provider import build_model, build_transformer_config
-    from chunkflow.model.state import load_full_state_dict
+    from chunkflow.train.build import build_model_and_ddp, build_schedule, row_pad_multiple
     from chunkflow.train.megatron_schedule import MegatronSchedule
-    from chunkflow.train.optim import wrap_ddp
-    from chunkflow.train.trainer import build_schedule
 
     samples, _ = load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
     batch = next(iter(GlobalBatchLoader(samples, global_batch_size=cfg.data.global_batch_size,
                                         seed=cfg.data.seed, shuffle=cfg.data.shuffle)))
-    tc = build_transformer_config(cfg)
-    model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
-                        transformer_config=tc).to(ctx.device)
-    if full_state is not None:
-        offset = ctx.pp_rank * cfg.model.num_layers // ctx.pp_size
-        load_full_state_dict(model, full_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, layer_offset=offset)
-    ddp = wrap_ddp(model, tc, cfg)
-    tc.finalize_model_grads_func = finalize_model_grads
-    tc.no_sync_func = ddp.no_sync
+    ddp, _ = build_model_and_ddp(cfg, ctx, full_state=full_state)
 
     mplan = plan_megatron_step(batch, dp_size=ctx.dp_size, max_seq_len=cfg.data.max_seq_len)
     ddp.zero_grad_buffer()
-    ref = MegatronSchedule(ddp, ctx.device).run(mplan.rows_per_rank[ctx.dp_rank])
+    ref = MegatronSchedule(ddp, ctx.device, pad_multiple=row_pad_multiple(cfg)).run(mplan.rows_per_rank[ctx.dp_rank])
     ref_grads = _grads(ddp)
 
     cplan = plan_chunkflow_step(batch, dp_size=ctx.dp_size, chunk_size=cfg.chunkflow.chunk_size)

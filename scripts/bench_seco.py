@@ -87,28 +87,19 @@ def _sample(length: int, vocab: int, seed: int):
 def _build(cfg, ctx, recompute: str, state=None):
     import dataclasses
 
-    from megatron.core.distributed import finalize_model_grads
-
-    from chunkflow.model.provider import build_model, build_transformer_config
-    from chunkflow.train.optim import wrap_ddp
+    from chunkflow.train.build import build_model_and_ddp
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, recompute=recompute))
-    tc = build_transformer_config(cfg)
-    model = build_model(cfg, pre_process=True, post_process=True, transformer_config=tc)
-    if state is not None:
-        model.load_state_dict(state, strict=False)
-    ddp = wrap_ddp(model, tc, cfg)
-    tc.finalize_model_grads_func = finalize_model_grads
-    tc.no_sync_func = ddp.no_sync
-    return ddp
+    prepare = (lambda m: m.load_state_dict(state, strict=False)) if state is not None else None
+    return build_model_and_ddp(cfg, ctx, prepare=prepare)[0]
 
 
 def _forward_only(ddp, sample, device) -> float:
     import torch
 
     from chunkflow.data.packing import pack_samples
-    from chunkflow.train.batch import row_to_tensors
-    from chunkflow.train.loss import token_losses
+    from chunkflow.model.batch import row_to_tensors
+    from chunkflow.model.loss import token_losses
 
     (row,) = pack_samples([sample], len(sample))
     b = row_to_tensors(row, device)
@@ -121,7 +112,8 @@ def _forward_only(ddp, sample, device) -> float:
 def _step(method: str, models: dict, sample, cfg, device, step: int, rss: PeakRSS) -> dict:
     """One training step of ``method``; time and memory."""
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
-    from chunkflow.scheduling.executor import ChunkFlowSchedule
+    from chunkflow.pipeline.executor import ChunkFlowSchedule
+    from chunkflow.parallel.distributed import ParallelContext
     from chunkflow.scheduling.memory import SavedTensorMeter
     from chunkflow.scheduling.spaco import SpaCOSampler
     from chunkflow.train.megatron_schedule import MegatronSchedule
@@ -143,7 +135,8 @@ def _step(method: str, models: dict, sample, cfg, device, step: int, rss: PeakRS
         sampler = None
         if method == "spaco":
             sampler = SpaCOSampler(c.spaco.budget, c.spaco.sampler, c.spaco.max_factor, seed=cfg.train.seed)
-        runner = ChunkFlowSchedule(ddp, device, 1, measure_memory=True, sampler=sampler)
+        ctx = ParallelContext(0, 1, 0, 1, 1, 1, 0, 0, 0, device)
+        runner = ChunkFlowSchedule(ddp, ctx, 1, measure_memory=True, sampler=sampler)
         runner.step = step
         rss.start()
         t0 = time.perf_counter()
@@ -313,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    from chunkflow.testing.distributed import free_port
+    from chunkflow.parallel.spawn import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     report = run(cfg, lengths, args.steps, args.long_steps, args.long_from, args.spaco_steps, methods)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ["RANK"]) != 0:
             return 0 if report["loss_check"]["ok"] else 1
     else:
-        from chunkflow.testing.distributed import run_distributed
+        from chunkflow.parallel.spawn import run_distributed
 
         world = args.nproc or cfg.parallel.tensor * cfg.parallel.pipeline
         report = run_distributed(bench_worker, world, (args.config, overrides, command), timeout_s=args.timeout_s)[0]

@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 from chunkflow.config import ConfigError  # noqa: E402
 from chunkflow.config.schema import DTYPES  # noqa: E402
 from chunkflow.model.hf import HFError  # noqa: E402
-from chunkflow.model.hf_convert import export_hf_standalone, import_hf  # noqa: E402
+from chunkflow.hf_convert import export_hf_standalone, import_hf  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,23 +30,17 @@ def _measure(rank: int, world: int, config: str, overrides: list, schedule: str,
     from chunkflow.config import load_config
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
     from chunkflow.data.types import Sample
-    from chunkflow.model.provider import build_model, build_transformer_config
     from chunkflow.parallel.distributed import init_distributed
     from chunkflow.scheduling.memory import SavedTensorMeter
     from chunkflow.train.metrics import peak_memory_bytes
-    from chunkflow.train.optim import wrap_ddp
-    from chunkflow.train.trainer import build_schedule
-    from megatron.core.distributed import finalize_model_grads
+    from chunkflow.train.build import build_model_and_ddp, build_schedule
 
     C = load_config(config, overrides).chunkflow.chunk_size
     cfg = load_config(config, list(overrides) + ["parallel.pipeline=1", "parallel.tensor=1",
                                                  f"data.max_seq_len={max(m * C, 1)}",
                                                  f"train.schedule={schedule}"])
     ctx = init_distributed(cfg)
-    tc = build_transformer_config(cfg)
-    model = build_model(cfg, pre_process=True, post_process=True, transformer_config=tc)
-    ddp = wrap_ddp(model, tc, cfg)
-    tc.finalize_model_grads_func = finalize_model_grads
+    ddp, _ = build_model_and_ddp(cfg, ctx)
     rng = np.random.default_rng(m)
     samples = []
     for i, n in enumerate([m * C, 40, 17, 9]):
@@ -71,7 +65,7 @@ def _measure(rank: int, world: int, config: str, overrides: list, schedule: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from chunkflow.testing.distributed import run_distributed
+    from chunkflow.parallel.spawn import run_distributed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)

@@ -36,27 +36,15 @@ def make_samples(lengths: Sequence[int], seed: int = 0, vocab: int = 256, mask_p
 
 def setup(overrides: Sequence[str], full_state: Optional[dict] = None):
     """Config, process groups, DDP-wrapped model (with ``full_state`` loaded if given)."""
-    from megatron.core.distributed import finalize_model_grads
-
     from chunkflow.config import load_config
-    from chunkflow.model.provider import build_model, build_transformer_config
-    from chunkflow.model.state import load_full_state_dict
+    from chunkflow.model.state import layer_offset
     from chunkflow.parallel.distributed import init_distributed
-    from chunkflow.train.optim import wrap_ddp
+    from chunkflow.train.build import build_model_and_ddp
 
     cfg = load_config(None, list(TINY) + list(overrides))
     ctx = init_distributed(cfg)
-    tc = build_transformer_config(cfg)
-    model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
-                        transformer_config=tc)
-    offset = ctx.pp_rank * cfg.model.num_layers // ctx.pp_size
-    if full_state is not None:
-        load_full_state_dict(model, full_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size,
-                             layer_offset=offset)
-    ddp = wrap_ddp(model, tc, cfg)
-    tc.finalize_model_grads_func = finalize_model_grads
-    tc.no_sync_func = ddp.no_sync
-    return cfg, ctx, ddp, offset
+    ddp, _ = build_model_and_ddp(cfg, ctx, full_state=full_state)
+    return cfg, ctx, ddp, layer_offset(ddp)
 
 
 def run_step(cfg, ctx, ddp, samples, schedule: str, *, k: Optional[int] = None,
@@ -68,10 +56,10 @@ def run_step(cfg, ctx, ddp, samples, schedule: str, *, k: Optional[int] = None,
     import torch.distributed as dist
 
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
-    from chunkflow.model.state import global_name
-    from chunkflow.train.trainer import build_schedule
+    from chunkflow.model.state import global_name, layer_offset
+    from chunkflow.train.build import build_schedule
 
-    offset = ctx.pp_rank * cfg.model.num_layers // ctx.pp_size
+    offset = layer_offset(ddp)
     c = cfg.chunkflow
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, schedule=schedule),
@@ -145,7 +133,7 @@ def packing_logits(rank: int, world: int, lengths: Sequence[int]) -> dict:
     import torch
 
     from chunkflow.data.packing import pack_samples
-    from chunkflow.train.batch import row_to_tensors
+    from chunkflow.model.batch import row_to_tensors
 
     torch.manual_seed(0)
     cfg, ctx, ddp, _ = setup([])
@@ -202,7 +190,7 @@ def forward_only_loss(rank: int, world: int, overrides, samples, ref: dict) -> O
 
     from chunkflow.data.plan import plan_chunkflow_step
     from chunkflow.pipeline.executor import StateAwarePipelineSchedule
-    from chunkflow.train.batch import row_to_tensors
+    from chunkflow.model.batch import row_to_tensors
     from chunkflow.train.megatron_schedule import masked_loss
 
     cfg, ctx, ddp, _ = setup(overrides, ref["state"])

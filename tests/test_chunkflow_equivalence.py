@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from _workers import full_reference, layout_check, make_samples
-from chunkflow.testing.distributed import run_distributed
+from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 

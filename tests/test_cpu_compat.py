@@ -25,7 +25,7 @@ import torch
 
 import chunkflow  # noqa: F401  (installs the triton-free paged_stash stand-in)
 from chunkflow.parallel import cpu_compat
-from chunkflow.testing.distributed import run_distributed
+from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.megatron
 

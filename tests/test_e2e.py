@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkflow.testing.distributed import free_port
+from chunkflow.parallel.spawn import free_port
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chunkflow.testing.distributed import run_distributed
+from chunkflow.parallel.spawn import run_distributed
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -141,7 +141,7 @@ def _parity_worker(rank, world, dirs, imports, out_root):
     import torch.distributed as dist
 
     from chunkflow.model.hf import load_hf_weights
-    from chunkflow.model.hf_convert import export_hf, import_rank, layout_config
+    from chunkflow.hf_convert import export_hf, import_rank, layout_config
     from chunkflow.train.checkpoint import load_checkpoint
 
     _allow_checkpoint_writers()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from chunkflow.testing.distributed import run_distributed
+from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def _step(cfg, ctx, ddp, samples, schedule: str, k: int = 1, seed: int = 7) -> d
 
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
     from chunkflow.model.lora import lora_parameters
-    from chunkflow.train.trainer import build_schedule
+    from chunkflow.train.build import build_schedule
 
     mode = "seco" if schedule == "seco" else "chunkflow"
     run_cfg = dataclasses.replace(
@@ -146,7 +146,7 @@ def single_process(rank: int, world: int, dtype: str, tmp: str) -> dict:
     out["roundtrip"] = max(float((adapter_state(ddp)[n] - t).abs().max()) for n, t in saved.items())
 
     # Merge: same logits as the adapted model (eval mode: no dropout).
-    from chunkflow.train.batch import row_to_tensors
+    from chunkflow.model.batch import row_to_tensors
     from chunkflow.data.packing import pack_samples
 
     (row,) = pack_samples(samples[:3], sum(len(s) for s in samples[:3]))

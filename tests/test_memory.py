@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from _workers import memory_profile
-from chunkflow.testing.distributed import run_distributed
+from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 

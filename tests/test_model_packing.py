@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from _workers import packing_logits
-from chunkflow.testing.distributed import run_distributed
+from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = pytest.mark.megatron
 

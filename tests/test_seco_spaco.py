@@ -22,7 +22,7 @@ import pytest
 
 from chunkflow.scheduling.plan import ChunkRef, plan_single_stage, validate_actions
 from chunkflow.scheduling.spaco import SpaCOSampler, expected_chain_weight, num_budget_chunks
-from chunkflow.testing.distributed import run_distributed
+from chunkflow.parallel.spawn import run_distributed
 
 SPACO = ["train.schedule=chunkflow", "chunkflow.mode=spaco", "chunkflow.chunk_size=32"]
 MC_MODEL = ["model.num_layers=2"]  # the Monte-Carlo runs many steps: a 2-layer model
@@ -40,7 +40,7 @@ def _grad(ddp):
 def _step(cfg, ctx, ddp, samples, *, sampler="config", step: int = 0):
     """One global batch through the configured chunk schedule; (grad vector, result)."""
     from chunkflow.data.plan import plan_chunkflow_step
-    from chunkflow.train.trainer import build_schedule
+    from chunkflow.train.build import build_schedule
 
     plan = plan_chunkflow_step(samples, dp_size=ctx.dp_size, chunk_size=cfg.chunkflow.chunk_size)
     ddp.zero_grad_buffer()
@@ -225,7 +225,6 @@ def test_sparse_plan_runs_only_chosen_chunks():
 @pytest.mark.parametrize("override, message", [
     (["chunkflow.mode=seco"], "set train.schedule=chunkflow"),
     (["chunkflow.mode=seco", "train.schedule=chunkflow", "chunkflow.k=2"], "K = 1"),
-    (["chunkflow.mode=spaco", "train.schedule=chunkflow", "parallel.pipeline=2"], "parallel.pipeline=1"),
     (["chunkflow.spaco.budget=2.5"], "whole number of chunks"),
     (["chunkflow.spaco.sampler=uniform"], "not one of bernoulli, without_replacement"),
     (["chunkflow.spaco.max_factor=0.5"], "0 (no cap) or >= 1"),

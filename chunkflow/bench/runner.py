@@ -32,7 +32,6 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import finalize_model_grads
 
 from chunkflow.bench.config import MIB, chunkflow_points, megatron_candidates, validate_bench
 from chunkflow.bench.measure import ProcessMemory, input_cache_peak_bytes
@@ -115,25 +114,23 @@ class _Bench:
         """The DDP-wrapped model for a recompute setting, built once, from the initial state."""
         if recompute in self.models:
             return self.models[recompute]
-        from chunkflow.model.provider import build_model, build_transformer_config
-        from chunkflow.train.optim import wrap_ddp
+        from chunkflow.train.build import build_model_and_ddp
 
-        cfg, ctx = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, recompute=recompute)), self.ctx
-        tc = build_transformer_config(cfg)
-        model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
-                            transformer_config=tc).to(ctx.device)
-        if self.init_state is None:
-            if cfg.model.hf_dir:
-                from chunkflow.model.hf import load_hf_weights
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, recompute=recompute))
 
-                load_hf_weights(model, cfg.model.hf_dir, cfg.model, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
-            self.init_state = {k: v.detach().clone() if torch.is_tensor(v) else v
-                               for k, v in model.state_dict().items()}
-        else:
-            model.load_state_dict(self.init_state)
-        ddp = wrap_ddp(model, tc, cfg)
-        tc.finalize_model_grads_func = finalize_model_grads
-        tc.no_sync_func = ddp.no_sync
+        def prepare(model: torch.nn.Module) -> None:
+            if self.init_state is None:
+                if cfg.model.hf_dir:
+                    from chunkflow.model.hf import load_hf_weights
+
+                    load_hf_weights(model, cfg.model.hf_dir, cfg.model, tp_rank=self.ctx.tp_rank,
+                                    tp_size=self.ctx.tp_size)
+                self.init_state = {k: v.detach().clone() if torch.is_tensor(v) else v
+                                   for k, v in model.state_dict().items()}
+            else:
+                model.load_state_dict(self.init_state)
+
+        ddp, _ = build_model_and_ddp(cfg, self.ctx, prepare=prepare)
         self.models[recompute] = ddp
         return ddp
 
@@ -142,7 +139,7 @@ class _Bench:
         gc.collect()
 
     def attach_runner(self, side: Side) -> None:
-        from chunkflow.train.trainer import build_schedule
+        from chunkflow.train.build import build_schedule
 
         side.runner = build_schedule(self.side_config(side), self.model(side.recompute), self.ctx)
 
@@ -160,7 +157,7 @@ class _Bench:
         wall = time.perf_counter() - t0
         extra = getattr(result, "extra", None) or {}
         cache = 0
-        pipeline_plan = getattr(side.runner, "last_plan", None)
+        pipeline_plan = side.runner.last.plan if getattr(side.runner, "last", None) is not None else None
         if side.schedule == "chunkflow" and pipeline_plan is not None:
             mc = ddp.module.config
             cache = input_cache_peak_bytes(
@@ -282,7 +279,7 @@ def _loadavg() -> Optional[list[float]]:
 
 def bench_worker(rank: int, world: int, config: Optional[str], overrides: list[str],
                  argv: Optional[list[str]] = None) -> dict:
-    """Entry of one spawned rank (``chunkflow.testing.distributed.run_distributed``)."""
+    """Entry of one spawned rank (``chunkflow.parallel.spawn.run_distributed``)."""
     import warnings
 
     warnings.filterwarnings("ignore")

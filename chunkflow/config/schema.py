@@ -99,6 +99,10 @@ class DataConfig:
     overlong: str = "error"  # what to do with a sample longer than max_seq_len: OVERLONG
     shuffle: bool = True
     seed: int = 1234
+    # Pad every row (Megatron micro-batch or ChunkFlow chunk) to a multiple of this many
+    # tokens, e.g. 8 or 64 for tensor-core friendly shapes; sequence parallelism also
+    # pads to the tensor size. Padding carries no loss and no real token attends to it.
+    pad_to_multiple: int = 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -147,10 +151,11 @@ class SpaCOConfig:
 class ChunkFlowConfig:
     chunk_size: int = 256  # C: tokens per chunk
     k: int = 1  # K: chunks of one long sample whose activations may be alive at once
-    # With train.schedule=chunkflow: "chunkflow" (any K, any PP); "seco" = sequential
-    # chunk-wise optimisation, K = 1 and PP = 1 (exact; one chunk's activations alive);
-    # "spaco" = seco that back-propagates only a sampled subset of each long sample's
-    # chunks (chunkflow.spaco). Short samples (standalone chunks) always get a backward.
+    # With train.schedule=chunkflow: "chunkflow" (any K); "seco" = sequential chunk-wise
+    # optimisation, K = 1 (exact; one chunk's activations alive per long sample); "spaco" =
+    # seco that back-propagates only a sampled subset of each long sample's chunks
+    # (chunkflow.spaco). Any pipeline size. Short samples (standalone chunks) always get a
+    # backward.
     mode: str = "chunkflow"
     spaco: SpaCOConfig = field(default_factory=SpaCOConfig)
 

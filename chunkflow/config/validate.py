@@ -125,11 +125,7 @@ def _validate_seco_spaco(cfg: Config) -> None:
             f"chunkflow.mode={c.mode} keeps one chunk's activations alive (K = 1); got "
             f"chunkflow.k={c.k}: set chunkflow.k=1, or use chunkflow.mode=chunkflow for K > 1"
         )
-    if cfg.parallel.pipeline != 1:
-        raise ConfigError(
-            f"chunkflow.mode={c.mode} has no pipeline: set parallel.pipeline=1 (got "
-            f"{cfg.parallel.pipeline}), or use chunkflow.mode=chunkflow for the state-aware 1F1B"
-        )
+
 
 
 def _validate_lora(cfg: Config) -> None:

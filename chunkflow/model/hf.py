@@ -47,13 +47,13 @@ import torch
 
 from chunkflow.config.schema import Config, ModelConfig
 from chunkflow.model.safetensors_stream import SafetensorsReader, TensorSpec
-from chunkflow.model.state import global_name
+from chunkflow.model.state import global_name, layer_offset
 
 __all__ = [
     "HFError", "SUPPORTED_ARCHITECTURES", "TOKENIZER_FILES", "ParamMap",
     "read_hf_config", "model_fields_from_hf", "hf_dtype", "apply_hf_config", "hf_config_from_model",
     "check_parallel_sizes", "megatron_params", "param_map", "hf_specs", "check_hf_tensors",
-    "read_shard", "to_hf", "load_hf_weights", "layer_offset", "model_config_from_dict", "DTYPE_NAMES",
+    "read_shard", "to_hf", "load_hf_weights", "model_config_from_dict", "DTYPE_NAMES",
 ]
 
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
@@ -349,12 +349,6 @@ def to_hf(pm: ParamMap, full: torch.Tensor, m: ModelConfig) -> list[tuple[str, t
     k = grouped[:, per_group].reshape(-1, *rest)
     v = grouped[:, per_group + 1].reshape(-1, *rest)
     return list(zip(pm.sources, (q, k, v)))
-
-
-def layer_offset(model: torch.nn.Module) -> int:
-    """Global index of this pipeline stage's first layer."""
-    layers = getattr(getattr(model, "decoder", None), "layers", None)
-    return int(layers[0].layer_number) - 1 if layers is not None and len(layers) else 0
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, m: ModelConfig, *,

@@ -57,7 +57,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
 )
 
-from chunkflow.model.state import global_name
+from chunkflow.model.state import global_name, layer_offset
 
 __all__ = ["LoRASpec", "apply_lora", "lora_parameters", "adapter_state", "save_adapters", "load_adapters",
            "merge_lora", "merge_full_state", "ADAPTER_FILE", "ADAPTER_CONFIG"]
@@ -160,11 +160,6 @@ def _own_lora_params(layer: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
             yield f"{ab}.{target}", p
 
 
-def _layer_offset(module: torch.nn.Module) -> int:
-    layers = getattr(getattr(module, "decoder", None), "layers", None)
-    return int(layers[0].layer_number) - 1 if layers is not None and len(layers) else 0
-
-
 def _targets_of(module: torch.nn.Module) -> Iterator[tuple[str, Any, str, tuple]]:
     for name, layer in module.named_modules():
         for suffix, (kind, targets) in _LAYERS.items():
@@ -219,7 +214,7 @@ def apply_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: floa
     module = getattr(model, "module", model)
     for p in module.parameters():
         p.requires_grad_(False)
-    offset = _layer_offset(module)
+    offset = layer_offset(module)
     wanted = set(targets)
     names: list[str] = []
     for name, layer, kind, layer_targets in _targets_of(module):
@@ -257,7 +252,7 @@ def apply_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: floa
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """This rank's adapter parameters by *full-model* name (global layer numbers)."""
     module = getattr(model, "module", model)
-    offset = _layer_offset(module)
+    offset = layer_offset(module)
     return {global_name(n, offset): p for n, p in module.named_parameters() if ".lora_" in n}
 
 
@@ -276,7 +271,7 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (TP-gathered) adapter tensors of this pipeline stage, by full-model name.
     Collective over the tensor-parallel group."""
     module = getattr(model, "module", model)
-    offset = _layer_offset(module)
+    offset = layer_offset(module)
     out: dict[str, torch.Tensor] = {}
     for name, layer, _, _ in _targets_of(module):
         if not isinstance(layer, _LoRAMixin):
@@ -334,7 +329,7 @@ def load_adapters(model: torch.nn.Module, path: str | Path) -> int:
                          f"this model's lora.rank={mine['rank']}, lora.targets={mine['targets']}")
     full = load_file(str(path / ADAPTER_FILE))
     module = getattr(model, "module", model)
-    offset = _layer_offset(module)
+    offset = layer_offset(module)
     n = 0
     with torch.no_grad():
         for lname, layer, _, _ in _targets_of(module):

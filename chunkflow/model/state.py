@@ -18,11 +18,11 @@ Used for layout-equivalence tests, Hugging Face conversion and verification tool
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
-__all__ = ["global_name", "shard_tensor", "load_full_state_dict", "local_full_names"]
+__all__ = ["global_name", "layer_offset", "shard_tensor", "load_full_state_dict", "local_full_names"]
 
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 
@@ -33,6 +33,13 @@ def global_name(name: str, layer_offset: int) -> str:
     if not m:
         return name
     return f"{m.group(1)}{int(m.group(2)) + layer_offset}{m.group(3)}"
+
+
+def layer_offset(model: torch.nn.Module) -> int:
+    """Global index of this pipeline stage's first layer (0 for a stage without layers)."""
+    model = getattr(model, "module", model)
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    return int(layers[0].layer_number) - 1 if layers is not None and len(layers) else 0
 
 
 def _is_gated_fc1(name: str) -> bool:
@@ -57,7 +64,7 @@ def load_full_state_dict(
     *,
     tp_rank: int,
     tp_size: int,
-    layer_offset: int,
+    layer_offset: Optional[int] = None,
     gated: bool = True,
 ) -> None:
     """Copy this rank's shard of every parameter from a full state dict into ``model``.
@@ -66,9 +73,10 @@ def load_full_state_dict(
     both shapes on a mismatch.
     """
     module = getattr(model, "module", model)
+    offset = _layer_offset(module) if layer_offset is None else layer_offset
     with torch.no_grad():
         for name, param in module.named_parameters():
-            gname = global_name(name, layer_offset)
+            gname = global_name(name, offset)
             if gname not in full:
                 raise KeyError(f"full state dict has no tensor '{gname}' (for local '{name}')")
             piece = shard_tensor(full[gname], param, name, tp_rank, tp_size, gated)
@@ -84,3 +92,6 @@ def local_full_names(model: torch.nn.Module, layer_offset: int) -> dict[str, str
     """Local parameter name -> full-model name, for every parameter of ``model``."""
     module = getattr(model, "module", model)
     return {n: global_name(n, layer_offset) for n, _ in module.named_parameters()}
+
+
+_layer_offset = layer_offset

@@ -1,59 +1,69 @@
-"""Run the state-aware 1F1B action table (:mod:`chunkflow.pipeline.plan`) on megatron-core.
+"""The one executor of ChunkFlow's action table, for any number of pipeline stages.
 
-:class:`StateAwarePipelineSchedule` is a forward-backward function with the keyword
-signature of megatron-core's ``forward_backward_pipelining_without_interleaving``, so a
-Megatron-LM style loop can call it where it called ``get_forward_backward_func()``'s
-result::
+:func:`~chunkflow.pipeline.plan.build_pipeline_plan` decides, per stage, the order of
+forwards, recomputes, backwards and frees (one stage is the degenerate pipeline: no
+communication, the PP=1 order of ``chunkflow.scheduling.plan``). :class:`ChunkExecutor`
+runs one stage's table and is the only place where these concerns are implemented:
+
+* **chunk context**: every forward, recompute and backward of a dependent chunk runs with
+  its K/V state context and RoPE offset (``chunkflow.scheduling.state``); the context
+  stays set during backward, where megatron's activation recompute re-reads it;
+* **recompute**: ``Forward(mb, keep_graph=False)`` keeps only the stage's input (and the
+  K/V in the store); ``Recompute(mb)`` rebuilds the graph from that input, replaying the
+  random state of the first forward so dropout (e.g. LoRA's) draws the same masks;
+* **loss**: the last stage applies the loss function, then megatron's ``grad_scale_func``
+  (fp16 loss scaling) and SpaCO's compensation factor before ``backward``;
+* **SpaCO**: ``sampler.select(sample, num_chunks, step)`` chooses the chunks of each long
+  sample to back-propagate; every stage draws the same choice (seeded by step and
+  sample), so the stages' tables stay matched;
+* **communication**: a ``Comm`` step posts its sends and receives together
+  (``batch_isend_irecv``); buffers live on the stage's device;
+* **timing** (:class:`~chunkflow.scheduling.step.SpanTimer`) and memory figures.
+
+Two front ends share it: :class:`ChunkFlowSchedule` (the trainer's ``run(rows)``) and
+:class:`StateAwarePipelineSchedule`, a forward-backward function with the keyword
+signature of megatron-core's ``forward_backward_pipelining_without_interleaving``::
 
     fb = StateAwarePipelineSchedule(k=2)
     losses = fb(forward_step_func=forward_step, data_iterator=it, model=[model],
                 num_microbatches=n, seq_length=c, micro_batch_size=1)
 
-The one extra contract: every item the data iterator yields carries its chunk as a
+Its one extra contract: every item the data iterator yields carries its chunk as a
 :class:`~chunkflow.data.types.PackedRow` (``item["row"]`` or ``item.row``), because the
 schedule must know, before running anything, which micro-batches are chunks of one long
-sample. ``forward_step_func(data_iterator, model)`` is called with an iterator over that
-single item (again for a recompute) and builds the model inputs from it (see
-``chunkflow.train.batch.row_to_tensors``: dependent chunks run unpacked, batch 1); the
-schedule wraps each call in the chunk's context (K/V prefix store, RoPE offset).
-
-Every rank of a pipeline builds the same table from the same rows, so every receive has a
-matching send (``check_progress`` proves the table deadlock-free). Execution:
-
-* ``Comm``: post the group's sends and receives with ``batch_isend_irecv`` and wait.
-  Tensors have the chunk's shape ``(tokens, 1, hidden)`` (tokens / tensor size with
-  sequence parallelism), known on both ends from the row.
-* ``Forward(mb, keep_graph)``: first stage from tokens, later stages from the received
-  activation; a no-graph forward caches its input for the later ``Recompute``.
-* ``Recompute(mb)``: forward again with a graph from the cached input (no messages).
-* ``Backward(mb)``: the loss (last stage) or the received output gradient; the input's
-  gradient goes out with the next ``Comm``.
-* ``Free(sample)``: drop the long sample's K/V state on this stage.
+sample.
 
 Loss handling follows megatron: ``loss_func`` returns ``(loss, num_tokens, report)``
 (per-token loss: summed, gradients divided by the global token count in
 ``finalize_model_grads``) or ``(loss, report)`` (divided by ``num_microbatches``).
+Nothing on the hot path reads a value back to the host: token counts accumulate as a
+device tensor and losses stay in the reports until the step ends.
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from chunkflow.data.types import PackedRow
-from chunkflow.parallel.distributed import ParallelContext
-from chunkflow.pipeline.plan import Comm, build_pipeline_plan
-from chunkflow.scheduling.executor import ChunkStepResult, _context, _rope_offset, _tensors
+from chunkflow.model.batch import RowTensors, row_to_tensors
+from chunkflow.model.loss import masked_loss, token_losses
+from chunkflow.pipeline.plan import Comm, PipelinePlan, build_pipeline_plan
+from chunkflow.scheduling.memory import SavedTensorMeter
 from chunkflow.scheduling.plan import Backward, Forward, Free, Recompute
-from chunkflow.scheduling.state import StateStore, chunk_context
-from chunkflow.train.loss import token_losses
-from chunkflow.train.megatron_schedule import masked_loss
+from chunkflow.scheduling.spaco import Selection
+from chunkflow.scheduling.state import ChunkContext, StateStore, chunk_context
+from chunkflow.scheduling.step import SpanTimer, StepResult
 
-__all__ = ["StateAwarePipelineSchedule", "PipelineChunkFlowSchedule", "row_of"]
+__all__ = ["ChunkExecutor", "ChunkFlowSchedule", "StateAwarePipelineSchedule", "row_of"]
+
+# forward_fn(mb) -> (output, loss_func): megatron's forward_step_func for one micro-batch.
+ForwardFn = Callable[[int], tuple[torch.Tensor, Callable]]
 
 
 def row_of(item: Any) -> PackedRow:
@@ -65,9 +75,346 @@ def row_of(item: Any) -> PackedRow:
     return row
 
 
+def _rope_offset(row: PackedRow) -> int:
+    """Dependent chunk j starts at absolute position j*C; packed rows restart per sample."""
+    return int(row.position_ids[0]) if row.dependent and len(row) else 0
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """Every random state a forward may draw from: torch's CPU and device generators, and
+    megatron's model-parallel tracker (used by dropout inside tensor-parallel regions)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    tracker = None
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        tracker = get_cuda_rng_tracker().get_states()
+    except Exception:  # noqa: BLE001 - no tracker (megatron not initialised): nothing to replay
+        tracker = None
+    return torch.get_rng_state(), cuda, tracker
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: Optional[tuple], device: torch.device) -> Iterator[None]:
+    """Run with the random state ``state`` (from :func:`_rng_state`), then restore the current one."""
+    if state is None:
+        yield
+        return
+    now = _rng_state(device)
+    try:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        if state[2] is not None:
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            get_cuda_rng_tracker().set_states(state[2])
+        yield
+    finally:
+        torch.set_rng_state(now[0])
+        if now[1] is not None:
+            torch.cuda.set_rng_state(now[1], device)
+        if now[2] is not None:
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            get_cuda_rng_tracker().set_states(now[2])
+
+
+@dataclass
+class _Outcome:
+    reports: list  # loss_func reports of this stage (last stage only)
+    num_tokens: torch.Tensor  # loss tokens counted by loss_func, on the device (int)
+    busy_s: float
+    wall_s: float
+    timeline: list[dict]
+    plan: PipelinePlan
+    selection: dict[Hashable, Selection]
+    kv_state_peak_bytes: int
+    meter: Optional[SavedTensorMeter]
+
+
+class ChunkExecutor:
+    """Runs one stage's table of :func:`build_pipeline_plan` on megatron-core.
+
+    ``group``: the pipeline group (None = one stage). ``config``: megatron's
+    ``TransformerConfig`` of the model (loss scaling, per-token loss, finalize hook,
+    hidden size, sequence parallelism). ``pad_multiple``: every row's tokens are padded
+    to a multiple of it (``chunkflow.model.batch``), so receive buffers use that length.
+    """
+
+    def __init__(self, k: int, *, config: Any, device: torch.device, group: Any = None,
+                 sampler: Any = None, tp_size: int = 1, pad_multiple: int = 1):
+        self.k, self.config, self.device, self.group = k, config, device, group
+        self.sampler = sampler
+        self.stage = dist.get_rank(group) if group is not None else 0
+        self.num_stages = dist.get_world_size(group) if group is not None else 1
+        self.first, self.last = self.stage == 0, self.stage == self.num_stages - 1
+        self.dtype = config.pipeline_dtype or config.params_dtype
+        self.seq_div = tp_size if config.sequence_parallel else 1
+        self.pad_multiple = pad_multiple
+
+    # ------------------------------------------------------------------ planning
+    def select(self, rows: Sequence[PackedRow], step: int) -> dict[Hashable, Selection]:
+        """SpaCO: the chunks of each long sample to back-propagate (empty without a sampler)."""
+        if self.sampler is None:
+            return {}
+        return {row.sample_ids[0]: self.sampler.select(row.sample_ids[0], row.num_chunks, step)
+                for row in rows if row.dependent and row.chunk_index == 0}
+
+    def plan(self, rows: Sequence[PackedRow], selection: dict) -> PipelinePlan:
+        backprop = {s: sel.chunks for s, sel in selection.items()} if self.sampler is not None else None
+        return build_pipeline_plan(rows, self.num_stages, self.k, backprop)
+
+    # ------------------------------------------------------------------ helpers
+    def _padded(self, n: int) -> int:
+        m = self.pad_multiple
+        return -(-n // m) * m
+
+    def _shape(self, row: PackedRow) -> tuple[int, int, int]:
+        return (self._padded(len(row)) // self.seq_div, 1, self.config.hidden_size)
+
+    def _communicate(self, comm: Comm, rows: Sequence[PackedRow], outbox: dict, inbox: dict) -> None:
+        ops, received = [], []
+        for op in comm.ops:
+            peer = dist.get_global_rank(self.group, op.peer)
+            if op.op == "send":
+                ops.append(dist.P2POp(dist.isend, outbox.pop((op.payload, op.mb)), peer, group=self.group))
+            else:
+                t = torch.empty(self._shape(rows[op.mb]), dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, t, peer, group=self.group))
+                received.append(((op.payload, op.mb), t))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        inbox.update(received)
+
+    @staticmethod
+    def _context(row: PackedRow, store: StateStore, hop: float) -> Optional[ChunkContext]:
+        if not row.dependent:
+            return None
+        return ChunkContext(store=store, sample=row.sample_ids[0], chunk=row.chunk_index,
+                            num_chunks=row.num_chunks, grad_scale=hop)
+
+    # ------------------------------------------------------------------ one step
+    def run(self, model: Any, rows: Sequence[PackedRow], forward_fn: ForwardFn, *, step: int = 0,
+            measure_memory: bool = False) -> _Outcome:
+        """Forward and backward every micro-batch of ``rows`` on this stage, then finalize
+        gradients with ``config.finalize_model_grads_func`` (if set)."""
+        module = getattr(model, "module", model)
+        selection = self.select(rows, step)
+        plan = self.plan(rows, selection)
+        hop = {s: sel.hop_factor for s, sel in selection.items()}
+        seed = {s: sel.loss_factor for s, sel in selection.items()}
+        steps = plan.stages[self.stage]
+        recomputed = {st.action.mb for st in steps if isinstance(st.action, Recompute)}
+        cfg = self.config
+        store = StateStore()
+        timer = SpanTimer(self.device)
+        meter = SavedTensorMeter(exclude=module) if measure_memory else None
+        reports: list = []
+        num_tokens = torch.zeros((), dtype=torch.int, device=self.device)
+        inbox: dict = {}
+        outbox: dict = {}
+        cached: dict[int, tuple[Optional[torch.Tensor], tuple]] = {}  # no-graph forwards to rebuild
+        live: dict[int, tuple[Optional[torch.Tensor], torch.Tensor]] = {}
+        peak_state = 0
+
+        def factor(row: PackedRow, table: dict) -> float:
+            return table.get(row.sample_ids[0], 1.0) if row.dependent else 1.0
+
+        def forward(mb: int, inp: Optional[torch.Tensor], grad: bool, record: bool) -> torch.Tensor:
+            nonlocal num_tokens
+            row = rows[mb]
+            if len(row) == 0:  # an equalising empty row: nothing to run
+                shape = () if self.last else self._shape(row)
+                return torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=grad)
+            if inp is not None:
+                module.set_input_tensor([inp])
+            ctx = self._context(row, store, factor(row, hop))
+            with chunk_context(ctx, _rope_offset(row)), torch.set_grad_enabled(grad):
+                output, loss_func = forward_fn(mb)
+                if not self.last:
+                    return output
+                outs = loss_func(output)
+            if len(outs) == 3:
+                loss, count, report = outs
+                if not cfg.calculate_per_token_loss:
+                    loss = loss / count
+            else:
+                (loss, report), count = outs, None
+            if not cfg.calculate_per_token_loss:
+                loss = loss / len(rows)
+            if record:
+                reports.append(report)
+                if count is not None:
+                    num_tokens = num_tokens + count.to(device=self.device, dtype=torch.int)
+            return loss
+
+        with meter if meter is not None else contextlib.nullcontext():
+            for st in steps:
+                act = st.action
+                if isinstance(act, Comm):
+                    self._communicate(act, rows, outbox, inbox)
+                    continue
+                if isinstance(act, Free):
+                    store.free(act.sample)
+                    continue
+                mb, t0 = act.mb, timer.start()
+                if isinstance(act, (Forward, Recompute)):
+                    keep = isinstance(act, Recompute) or act.keep_graph
+                    if isinstance(act, Forward):
+                        inp = None if self.first else inbox.pop(("activation", mb))
+                        rng = None
+                        if mb in recomputed:  # rebuilt later: keep its input and random state
+                            cached[mb] = (inp, _rng_state(self.device))
+                    else:
+                        inp, rng = cached.pop(mb)
+                    if inp is not None and keep:
+                        inp = inp.detach().requires_grad_(True)
+                    with _replayed_rng(rng, self.device):
+                        out = forward(mb, inp, keep, record=isinstance(act, Forward))
+                    if isinstance(act, Forward) and not self.last:
+                        outbox[("activation", mb)] = out.detach()
+                    if keep:
+                        live[mb] = (inp, out)
+                else:  # Backward
+                    row = rows[mb]
+                    inp, out = live.pop(mb)
+                    grad = None if self.last else inbox.pop(("grad", mb))
+                    if self.last:
+                        if cfg.grad_scale_func is not None:
+                            out = cfg.grad_scale_func(out)
+                        f = factor(row, seed)
+                        if f != 1.0:
+                            out = out * f
+                    with chunk_context(self._context(row, store, factor(row, hop)), _rope_offset(row)):
+                        if out.requires_grad:
+                            torch.autograd.backward(out, grad_tensors=grad)
+                    if not self.first:
+                        outbox[("grad", mb)] = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+                timer.stop(t0, kind=type(act).__name__.lower(), mb=mb,
+                           graph=not isinstance(act, Forward) or act.keep_graph)
+                peak_state = max(peak_state, store.nbytes())
+        assert not live and not outbox and not cached, "the plan left work undone on this stage"
+        if cfg.finalize_model_grads_func is not None:
+            cfg.finalize_model_grads_func([model], num_tokens if cfg.calculate_per_token_loss else None)
+        busy, wall, timeline = timer.finish()
+        return _Outcome(reports, num_tokens, busy, wall, timeline, plan, selection, peak_state, meter)
+
+    def run_forward_only(self, model: Any, rows: Sequence[PackedRow], forward_fn: ForwardFn) -> _Outcome:
+        """Evaluation: every chunk forward once, in order, without graphs."""
+        module = getattr(model, "module", model)
+        store = StateStore()
+        timer = SpanTimer(self.device)
+        reports: list = []
+        for mb, row in enumerate(rows):
+            inp = None
+            if not self.first:
+                inp = torch.empty(self._shape(row), dtype=self.dtype, device=self.device)
+                dist.recv(inp, dist.get_global_rank(self.group, self.stage - 1), group=self.group)
+                module.set_input_tensor([inp])
+            t0 = timer.start()
+            with chunk_context(self._context(row, store, 1.0), _rope_offset(row)), torch.no_grad():
+                output, loss_func = forward_fn(mb)
+                if self.last:
+                    outs = loss_func(output)
+                    reports.append(outs[-1])
+            timer.stop(t0, kind="forward", mb=mb, graph=False)
+            if not self.last:
+                dist.send(output.contiguous(), dist.get_global_rank(self.group, self.stage + 1), group=self.group)
+            if row.dependent and row.chunk_index == row.num_chunks - 1:
+                store.free(row.sample_ids[0])
+        busy, wall, timeline = timer.finish()
+        plan = build_pipeline_plan(rows, self.num_stages, self.k)
+        zero = torch.zeros((), dtype=torch.int, device=self.device)
+        return _Outcome(reports, zero, busy, wall, timeline, plan, {}, 0, None)
+
+
+def _sum_reports(reports: list) -> tuple[float, int]:
+    """(loss sum, loss tokens) from ``{"lm loss": [sum, count]}`` reports: one host read."""
+    if not reports:
+        return 0.0, 0
+    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0).tolist()
+    return float(total[0]), int(round(total[1]))
+
+
+class ChunkFlowSchedule:
+    """``run(rows)`` for ``train.schedule: chunkflow``, any layout (PP = 1 included).
+
+    ``sampler`` (SpaCO): any object with ``select(sample, num_chunks, step) ->
+    Selection``; ``step`` (set by the trainer before each ``run``) keys its draws.
+    """
+
+    name = "chunkflow"
+
+    def __init__(self, model: Any, ctx: Any, k: int, *, sampler: Any = None,
+                 measure_memory: bool = False, pad_multiple: int = 1):
+        from megatron.core.utils import get_model_config
+
+        self.model, self.ctx = model, ctx
+        self.executor = ChunkExecutor(
+            k, config=get_model_config(model), device=ctx.device,
+            group=ctx.pp_group if ctx.pp_size > 1 else None, sampler=sampler,
+            tp_size=ctx.tp_size, pad_multiple=pad_multiple)
+        self.measure_memory = measure_memory
+        self.pad_multiple = pad_multiple
+        self.step = 0
+        self.last: Optional[_Outcome] = None
+
+    @property
+    def k(self) -> int:
+        return self.executor.k
+
+    @property
+    def sampler(self) -> Any:
+        return self.executor.sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        self.executor.sampler = value
+
+    @property
+    def last_timeline(self) -> list[dict]:
+        return self.last.timeline if self.last is not None else []
+
+    @property
+    def last_actions(self) -> list:
+        return self.last.plan.actions(self.executor.stage) if self.last is not None else []
+
+    @property
+    def last_selection(self) -> dict:
+        return self.last.selection if self.last is not None else {}
+
+    def run(self, rows: Sequence[PackedRow]) -> StepResult:
+        device, pad = self.ctx.device, self.pad_multiple
+        cache: dict[int, RowTensors] = {}
+
+        def forward_fn(mb: int) -> tuple[torch.Tensor, Callable]:
+            b = cache.get(mb)
+            if b is None:
+                b = cache[mb] = row_to_tensors(rows[mb], device, packed=not rows[mb].dependent,
+                                               pad_multiple=pad)
+            return token_losses(self.model, b), partial(masked_loss, b.loss_mask)
+
+        out = self.executor.run(self.model, rows, forward_fn, step=self.step,
+                                measure_memory=self.measure_memory)
+        self.last = out
+        loss_sum, num = _sum_reports(out.reports)
+        extra: dict[str, Any] = {"kv_state_peak_bytes": out.kv_state_peak_bytes}
+        if self.executor.sampler is not None:
+            extra["spaco_chunks"] = sum(1 for r in rows if r.dependent)
+            extra["spaco_backprop_chunks"] = sum(len(sel.chunks) for sel in out.selection.values())
+        if out.meter is not None:
+            extra["saved_activation_peak_bytes"] = out.meter.peak_bytes
+            extra["saved_kv_peak_bytes"] = out.meter.peak_kv_bytes
+        return StepResult(loss_sum=loss_sum, num_loss_tokens=num, busy_s=out.busy_s,
+                          wall_s=out.wall_s, extra=extra)
+
+
 def _unwrap(x: Any) -> Any:
     if isinstance(x, list):
-        assert len(x) == 1, "the state-aware schedule does not support virtual pipeline chunks"
+        if len(x) != 1:
+            raise ValueError("the state-aware schedule does not support virtual pipeline chunks")
         return x[0]
     return x
 
@@ -75,14 +422,14 @@ def _unwrap(x: Any) -> Any:
 class StateAwarePipelineSchedule:
     """Megatron-compatible forward-backward function running ChunkFlow's schedule."""
 
-    def __init__(self, k: int, *, pp_group: Any = None):
-        self.k = k
-        self.pp_group = pp_group
-        self.last_plan: Optional[Any] = None
-        self.last_timeline: list[dict] = []
-        self.busy_s = 0.0
-        self.wall_s = 0.0
-        self.kv_state_peak_bytes = 0
+    def __init__(self, k: int, *, pp_group: Any = None, sampler: Any = None, pad_multiple: int = 1):
+        self.k, self.pp_group, self.sampler, self.pad_multiple = k, pp_group, sampler, pad_multiple
+        self.step = 0
+        self.last: Optional[_Outcome] = None
+
+    @property
+    def last_plan(self) -> Optional[PipelinePlan]:
+        return self.last.plan if self.last is not None else None
 
     def __call__(
         self, *, forward_step_func: Callable, data_iterator: Any, model: Any, num_microbatches: int,
@@ -91,205 +438,29 @@ class StateAwarePipelineSchedule:
         first_val_step: Optional[bool] = None, adjust_tensor_shapes_fn: Optional[Callable] = None,
         p2p_communicator: Any = None, pg_collection: Any = None, force_all_reduce: Optional[bool] = False,
     ) -> list:
-        if micro_batch_size != 1:
-            raise ValueError("ChunkFlow chunks are micro-batches of one packed row: micro_batch_size=1")
-        model = _unwrap(model)
-        data_iterator = _unwrap(data_iterator)
-        items = [next(data_iterator) for _ in range(num_microbatches)]
-        run = _Run(self, forward_step_func, model, items, num_microbatches, pg_collection)
-        store = run.forward_only() if forward_only else run.forward_backward()
-        if not forward_only and run.config.finalize_model_grads_func is not None:
-            tokens = torch.tensor(run.num_tokens, dtype=torch.int, device=run.device)
-            extra = {"force_all_reduce": True} if force_all_reduce else {}
-            run.config.finalize_model_grads_func(
-                [model], tokens if run.config.calculate_per_token_loss else None, **extra
-            )
-        self.wall_s = time.perf_counter() - run.t_start
-        return store
-
-
-class _Run:
-    """State of one call: the stage's position, buffers, and the compute steps."""
-
-    def __init__(self, owner: StateAwarePipelineSchedule, forward_step_func: Callable, model: Any,
-                 items: list, num_microbatches: int, pg_collection: Any):
         from megatron.core import parallel_state as ps
         from megatron.core.utils import get_model_config
 
-        self.owner, self.step_fn, self.model, self.items = owner, forward_step_func, model, items
-        self.rows = [row_of(it) for it in items]
-        self.config = get_model_config(model)
-        self.group = owner.pp_group or (pg_collection.pp if pg_collection is not None
-                                        else ps.get_pipeline_model_parallel_group())
-        self.stage = dist.get_rank(self.group) if dist.is_initialized() else 0
-        self.num_stages = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        self.first, self.last = self.stage == 0, self.stage == self.num_stages - 1
-        self.module = getattr(model, "module", model)
-        self.device = next(self.module.parameters()).device
-        self.dtype = self.config.pipeline_dtype or self.config.params_dtype
-        tp = ps.get_tensor_model_parallel_world_size()
-        self.seq_div = tp if self.config.sequence_parallel else 1
-        self.num_microbatches = num_microbatches
-        self.store = StateStore()
-        self.reports: list = []
-        self.num_tokens = 0
-        self.t_start = time.perf_counter()
+        if micro_batch_size != 1:
+            raise ValueError("ChunkFlow chunks are micro-batches of one packed row: micro_batch_size=1")
+        model = _unwrap(model)
+        items = [next(_unwrap(data_iterator)) for _ in range(num_microbatches)]
+        rows = [row_of(it) for it in items]
+        group = self.pp_group or (pg_collection.pp if pg_collection is not None
+                                  else ps.get_pipeline_model_parallel_group())
+        if dist.get_world_size(group) == 1:
+            group = None
+        module = getattr(model, "module", model)
+        executor = ChunkExecutor(
+            self.k, config=get_model_config(model), device=next(module.parameters()).device,
+            group=group, sampler=self.sampler, tp_size=ps.get_tensor_model_parallel_world_size(),
+            pad_multiple=self.pad_multiple)
 
-    # ---------------------------------------------------------------- helpers
-    def _shape(self, mb: int) -> tuple[int, int, int]:
-        return (len(self.rows[mb]) // self.seq_div, 1, self.config.hidden_size)
+        def forward_fn(mb: int) -> tuple[torch.Tensor, Callable]:
+            return forward_step_func(iter([items[mb]]), model)
 
-    def _communicate(self, comm: Comm, outbox: dict, inbox: dict) -> None:
-        ops, received = [], []
-        for op in comm.ops:
-            peer = dist.get_global_rank(self.group, op.peer)
-            if op.op == "send":
-                ops.append(dist.P2POp(dist.isend, outbox.pop((op.payload, op.mb)), peer, group=self.group))
-            else:
-                t = torch.empty(self._shape(op.mb), dtype=self.dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, t, peer, group=self.group))
-                received.append(((op.payload, op.mb), t))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        inbox.update(received)
-
-    def _forward(self, mb: int, inp: Optional[torch.Tensor], grad: bool, record: bool) -> torch.Tensor:
-        """This stage's forward of micro-batch ``mb``: output activation, or the loss."""
-        row = self.rows[mb]
-        if len(row) == 0:  # an equalising empty row: nothing to run
-            return torch.zeros(() if self.last else self._shape(mb), dtype=self.dtype,
-                               device=self.device, requires_grad=grad)
-        if inp is not None:
-            self.module.set_input_tensor([inp])
-        with chunk_context(_context(row, self.store), _rope_offset(row)), torch.set_grad_enabled(grad):
-            output, loss_func = self.step_fn(iter([self.items[mb]]), self.model)
-            if not self.last:
-                return output
-            outs = loss_func(output)
-        if len(outs) == 3:
-            loss, num_tokens, report = outs
-            if not self.config.calculate_per_token_loss:
-                loss = loss / num_tokens
+        if forward_only:
+            self.last = executor.run_forward_only(model, rows, forward_fn)
         else:
-            (loss, report), num_tokens = outs, None
-        if not self.config.calculate_per_token_loss:
-            loss = loss / self.num_microbatches
-        if record:
-            self.reports.append(report)
-            self.num_tokens += int(num_tokens) if num_tokens is not None else 0
-        return loss
-
-    # ---------------------------------------------------------------- schedules
-    def forward_backward(self) -> list:
-        plan = build_pipeline_plan(self.rows, self.num_stages, self.owner.k)
-        self.owner.last_plan = plan
-        inbox: dict = {}
-        outbox: dict = {}
-        cached: dict[int, Optional[torch.Tensor]] = {}
-        live: dict[int, tuple[Optional[torch.Tensor], torch.Tensor]] = {}
-        timeline: list[dict] = []
-        busy = peak = 0.0
-        for step in plan.stages[self.stage]:
-            act = step.action
-            if isinstance(act, Comm):
-                self._communicate(act, outbox, inbox)
-                continue
-            t0 = time.perf_counter()
-            if isinstance(act, Free):
-                self.store.free(act.sample)
-                continue
-            mb = act.mb
-            if isinstance(act, (Forward, Recompute)):
-                keep = isinstance(act, Recompute) or act.keep_graph
-                if isinstance(act, Forward):
-                    inp = None if self.first else inbox.pop(("activation", mb))
-                    if not keep:
-                        cached[mb] = inp  # Recompute runs from this input later
-                else:
-                    inp = cached.pop(mb)
-                if inp is not None and keep:
-                    inp = inp.detach().requires_grad_(True)
-                out = self._forward(mb, inp, keep, record=isinstance(act, Forward))
-                if isinstance(act, Forward) and not self.last:
-                    outbox[("activation", mb)] = out.detach()
-                if keep:
-                    live[mb] = (inp, out)
-            else:  # Backward
-                row = self.rows[mb]
-                inp, out = live.pop(mb)
-                grad = None if self.last else inbox.pop(("grad", mb))
-                if self.last and self.config.grad_scale_func is not None:
-                    out = self.config.grad_scale_func(out)
-                with chunk_context(_context(row, self.store), _rope_offset(row)):
-                    if out.requires_grad:
-                        torch.autograd.backward(out, grad_tensors=grad)
-                if not self.first:
-                    outbox[("grad", mb)] = inp.grad if inp.grad is not None else torch.zeros_like(inp)
-            end = time.perf_counter()
-            busy += end - t0
-            timeline.append({"kind": type(act).__name__.lower(), "mb": mb,
-                             "graph": not isinstance(act, Forward) or act.keep_graph,
-                             "start": t0 - self.t_start, "end": end - self.t_start})
-            peak = max(peak, self.store.nbytes())
-        assert not live and not outbox and not cached, "pipeline plan left work undone"
-        self.owner.last_timeline, self.owner.busy_s = timeline, busy
-        self.owner.kv_state_peak_bytes = int(peak)
-        return self.reports if self.last else []
-
-    def forward_only(self) -> list:
-        """Evaluation: every chunk forward once, in order, without graphs."""
-        t0 = time.perf_counter()
-        for mb in range(len(self.rows)):
-            inp = None
-            if not self.first:
-                inp = torch.empty(self._shape(mb), dtype=self.dtype, device=self.device)
-                dist.recv(inp, dist.get_global_rank(self.group, self.stage - 1), group=self.group)
-            out = self._forward(mb, inp, grad=False, record=True)
-            if not self.last:
-                dist.send(out.contiguous(), dist.get_global_rank(self.group, self.stage + 1), group=self.group)
-            if self.rows[mb].dependent and self.rows[mb].chunk_index == self.rows[mb].num_chunks - 1:
-                self.store.free(self.rows[mb].sample_ids[0])
-        self.owner.busy_s = time.perf_counter() - t0
-        return self.reports if self.last else []
-
-
-class PipelineChunkFlowSchedule:
-    """The trainer's runner for ``train.schedule: chunkflow`` with PP > 1: ``run(rows)``."""
-
-    name = "chunkflow"
-
-    def __init__(self, model: Any, ctx: ParallelContext, k: int):
-        self.model, self.ctx = model, ctx
-        self.fb = StateAwarePipelineSchedule(k, pp_group=ctx.pp_group)
-        self.measure_memory = False
-
-    @property
-    def last_timeline(self) -> list[dict]:
-        return self.fb.last_timeline
-
-    @property
-    def last_actions(self) -> list:
-        plan = self.fb.last_plan
-        return plan.actions(self.ctx.pp_rank) if plan is not None else []
-
-    def run(self, rows: Sequence[PackedRow]) -> ChunkStepResult:
-        device = self.ctx.device
-        cache: dict[int, Any] = {}
-
-        def forward_step(data_iterator: Iterator, model: Any) -> tuple[torch.Tensor, Callable]:
-            item = next(data_iterator)
-            b = cache.get(item["mb"])
-            if b is None:
-                b = cache[item["mb"]] = _tensors(item["row"], device)
-            return token_losses(model, b), partial(masked_loss, b.loss_mask)
-
-        items = [{"row": r, "mb": i} for i, r in enumerate(rows)]
-        reports = self.fb(forward_step_func=forward_step, data_iterator=iter(items), model=[self.model],
-                          num_microbatches=len(rows), seq_length=max(len(r) for r in rows),
-                          micro_batch_size=1)
-        loss_sum = sum(float(r["lm loss"][0]) for r in reports)
-        num = sum(int(r["lm loss"][1]) for r in reports)
-        return ChunkStepResult(loss_sum=loss_sum, num_loss_tokens=num, busy_s=self.fb.busy_s,
-                               wall_s=self.fb.wall_s,
-                               extra={"kv_state_peak_bytes": self.fb.kv_state_peak_bytes})
+            self.last = executor.run(model, rows, forward_fn, step=self.step)
+        return self.last.reports if executor.last else []

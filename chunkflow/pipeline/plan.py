@@ -84,7 +84,7 @@ runs while stage 1 computes B2, before the gradient arrives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Collection, Hashable, Mapping, Optional, Sequence, Union
 
 from chunkflow.data.types import PackedRow
 from chunkflow.scheduling.plan import (
@@ -172,32 +172,40 @@ def live_bound(num_stages: int, stage: int, k: int) -> int:
     return max(num_stages - stage, k)
 
 
-def _greedy_counts(forwards: list[Forward], tasks: list[tuple[Action, ...]], limit: int) -> list[int]:
-    """Forwards run before each backward task by a stage allowed ``limit`` live graphs."""
+def _greedy_counts(forwards: list[Forward], tasks: list[tuple[Action, ...]], needs: list[int],
+                   limit: int) -> list[int]:
+    """Forwards run before each backward task by a stage allowed ``limit`` live graphs.
+
+    ``needs[i]``: the micro-batch whose forward task i cannot precede: the last chunk of
+    its unit (a long sample's backward starts after all its forwards, also when SpaCO
+    back-propagates only earlier chunks or none).
+    """
     done: set[int] = set()
     counts: list[int] = []
     live = fi = 0
-    for task in tasks:
+    for task, need in zip(tasks, needs):
         recompute = isinstance(task[0], Recompute)
-        while fi < len(forwards) and (task[0].mb not in done or live + recompute < limit):
+        while fi < len(forwards) and (need not in done or live + recompute < limit):
             done.add(forwards[fi].mb)
             live += forwards[fi].keep_graph
             fi += 1
         counts.append(fi)
-        live -= not recompute
+        live -= isinstance(task[0], Backward)
     return counts
 
 
-def _stage_orders(chunks: Sequence[ChunkRef], k: int, num_stages: int) -> list[list[Action]]:
+def _stage_orders(chunks: Sequence[ChunkRef], k: int, num_stages: int,
+                  backprop: Optional[Mapping[Hashable, Collection[int]]] = None) -> list[list[Action]]:
     """Every stage's compute order: the greedy g_s, clamped from the last stage up
     (module docstring, steps 1 and 2)."""
-    programs = sample_programs(chunks, k)
+    programs = sample_programs(chunks, k, backprop)
     forwards = [f for p in programs for f in p.forwards]
     tasks = [t for p in programs for t in p.backward_tasks]
+    needs = [p.mbs[-1] for p in programs for t in p.backward_tasks]
     counts: list[list[int]] = [[] for _ in range(num_stages)]
     below = None
     for s in reversed(range(num_stages)):
-        greedy = _greedy_counts(forwards, tasks, num_stages - s)
+        greedy = _greedy_counts(forwards, tasks, needs, num_stages - s)
         if below is not None:  # below[i] <= counts[s][i] <= below[i + 1]
             ahead = [min(f + 1, g) for f, g in zip(below, below[1:] + [len(forwards)])]
             greedy = [min(max(g, lo), hi) for g, lo, hi in zip(greedy, below, ahead)]
@@ -235,6 +243,8 @@ def _phases(computes: Sequence[Action]) -> list[str]:
     starts = [i for i, a in enumerate(computes)
               if isinstance(a, Recompute) or (isinstance(a, Backward) and not isinstance(computes[i - 1], Recompute))]
     fwd = [i for i, a in enumerate(computes) if isinstance(a, Forward)]
+    if not starts:  # SpaCO chose no chunk to back-propagate: forwards only
+        return ["steady"] * len(computes)
     steady_from = max(i for i in fwd if i < starts[0])
     later = [i for i in starts if i > fwd[-1]]
     cool_from = later[1] if len(later) > 1 else len(computes)
@@ -259,15 +269,22 @@ def _with_comm(computes: list[Action], stage: int, num_stages: int) -> list[Step
 
 
 def build_pipeline_plan(
-    chunks: Sequence[Union[ChunkRef, PackedRow]], num_stages: int, k: int
+    chunks: Sequence[Union[ChunkRef, PackedRow]], num_stages: int, k: int,
+    backprop: Optional[Mapping[Hashable, Collection[int]]] = None,
 ) -> PipelinePlan:
-    """The state-aware 1F1B table of one pipeline (rows of one DP rank, data-layer order)."""
+    """The state-aware 1F1B table of one pipeline (rows of one DP rank, data-layer order).
+
+    ``num_stages = 1`` gives the PP=1 order of :func:`~chunkflow.scheduling.plan.plan_single_stage`
+    (no Comm steps). ``backprop`` (SpaCO) restricts long samples' backward to the chosen
+    chunks, as in :func:`~chunkflow.scheduling.plan.sample_programs`; every stage gets the
+    same choice, so the table stays matched across stages.
+    """
     if num_stages < 1:
         raise ValueError(f"parallel.pipeline={num_stages} is invalid: use >= 1 stages")
     refs = describe_rows(chunks) if chunks and isinstance(chunks[0], PackedRow) else list(chunks)
     if not refs:
         raise ValueError("a pipeline needs at least one micro-batch")
-    orders = _stage_orders(refs, k, num_stages)
+    orders = _stage_orders(refs, k, num_stages, backprop)
     stages = [_with_comm(order, s, num_stages) for s, order in enumerate(orders)]
     return PipelinePlan(num_stages, k, refs, stages)
 

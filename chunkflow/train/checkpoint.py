@@ -9,7 +9,7 @@ Layout of ``<dir>``::
 Loading a directory written with another tensor/pipeline layout works for the model
 (megatron reshards on load); optimizer state is restored only with the same layout.
 A ``trainer.json`` with ``"model_only": true`` (a converted Hugging Face model, see
-``chunkflow.model.hf_convert``) holds weights only: optimizer, LR schedule and data
+``chunkflow.hf_convert``) holds weights only: optimizer, LR schedule and data
 position then start fresh. A model with LoRA adapters (``lora.enabled``) loading a
 checkpoint without adapters takes its base weights only, the same way (step 0).
 """

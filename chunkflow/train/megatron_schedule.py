@@ -11,8 +11,6 @@ and scales the gradients by its inverse, so the gradient is that of
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
 
@@ -21,38 +19,15 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel import schedules as _schedules
 
 from chunkflow.data.types import PackedRow
-from chunkflow.train.batch import RowTensors, row_to_tensors
-from chunkflow.train.loss import token_losses
+from chunkflow.model.batch import RowTensors, row_to_tensors
+from chunkflow.model.loss import masked_loss, token_losses
+from chunkflow.scheduling.step import SpanTimer, StepResult
 
-__all__ = ["StepResult", "masked_loss", "MegatronSchedule"]
-
-
-@dataclass
-class StepResult:
-    loss_sum: float  # sum of per-token losses on this rank (last stage), 0 elsewhere
-    num_loss_tokens: int  # loss tokens this rank computed the loss of (last stage)
-    busy_s: float  # seconds this rank spent in forward/backward compute
-    wall_s: float
-
-
-def masked_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """megatron per-token loss: (sum of masked losses, number of loss tokens, report)."""
-    losses = output.reshape(-1)
-    losses = losses.to(torch.promote_types(losses.dtype, torch.float32))  # fp64 stays fp64
-    mask = loss_mask.reshape(-1).to(losses.dtype)
-    loss_sum = (losses * mask).sum()
-    num = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num.detach().to(loss_sum.dtype)])
-    return loss_sum, num, {"lm loss": report}
-
-
-def forward_row(model: torch.nn.Module, b: RowTensors) -> torch.Tensor:
-    """Per-token losses of one micro-batch (last stage) or its hidden states."""
-    return token_losses(model, b)
+__all__ = ["MegatronSchedule"]
 
 
 @contextlib.contextmanager
-def _timed_backward(busy: list[float]):
+def _timed_backward(timer: SpanTimer):
     """Time megatron's ``backward_step`` calls (compute only; p2p waits are outside it).
 
     The stock schedules look ``backward_step`` up in their module at call time, so
@@ -62,11 +37,11 @@ def _timed_backward(busy: list[float]):
     original = _schedules.backward_step
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
+        t0 = timer.start()
         try:
             return original(*args, **kwargs)
         finally:
-            busy[0] += time.perf_counter() - t0
+            timer.stop(t0, kind="backward")
 
     _schedules.backward_step = timed
     try:
@@ -76,41 +51,45 @@ def _timed_backward(busy: list[float]):
 
 
 class MegatronSchedule:
-    """Runs one step's micro-batches with megatron-core's stock forward-backward function."""
+    """Runs one step's micro-batches with megatron-core's stock forward-backward function.
+
+    ``pad_multiple``: rows are padded to a multiple of it (sequence parallelism needs the
+    tensor size; see ``chunkflow.model.batch.row_to_tensors``).
+    """
 
     name = "megatron"
 
-    def __init__(self, model: Any, device: torch.device):
+    def __init__(self, model: Any, device: torch.device, *, pad_multiple: int = 1):
         self.model = model
         self.device = device
+        self.pad_multiple = pad_multiple
         self.forward_backward = get_forward_backward_func()
 
     def run(self, rows: Sequence[PackedRow]) -> StepResult:
-        tensors = [row_to_tensors(r, self.device) for r in rows]
-        busy = [0.0]
+        tensors = [row_to_tensors(r, self.device, pad_multiple=self.pad_multiple) for r in rows]
+        timer = SpanTimer(self.device)
 
         def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
             b = next(data_iterator)
-            t0 = time.perf_counter()
-            out = forward_row(model, b)
-            busy[0] += time.perf_counter() - t0
+            t0 = timer.start()
+            out = token_losses(model, b)
+            timer.stop(t0, kind="forward")
             return out, partial(masked_loss, b.loss_mask)
 
-        t0 = time.perf_counter()
-        with _timed_backward(busy):
+        with _timed_backward(timer):
             losses = self.forward_backward(
                 forward_step_func=forward_step,
                 data_iterator=iter(tensors),
                 model=[self.model],
                 num_microbatches=len(tensors),
-                seq_length=max(len(r) for r in rows),
+                seq_length=max(t.input_ids.shape[1] for t in tensors),
                 micro_batch_size=1,
                 forward_only=False,
             )
-        wall = time.perf_counter() - t0
+        busy, wall, _ = timer.finish()
+        reports = [item["lm loss"] for item in losses or []]
         loss_sum, num = 0.0, 0
-        for item in losses or []:
-            report = item["lm loss"]
-            loss_sum += float(report[0])
-            num += int(report[1])
-        return StepResult(loss_sum=loss_sum, num_loss_tokens=num, busy_s=busy[0], wall_s=wall)
+        if reports:  # one read back to the host per step
+            total = torch.stack(reports).sum(dim=0).tolist()
+            loss_sum, num = float(total[0]), int(round(total[1]))
+        return StepResult(loss_sum=loss_sum, num_loss_tokens=num, busy_s=busy, wall_s=wall)

@@ -21,28 +21,16 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import finalize_model_grads
 
 from chunkflow.config.loader import config_to_dict, dump_config
 from chunkflow.config.schema import Config
-from chunkflow.model.provider import build_model, build_transformer_config
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.train.checkpoint import load_checkpoint, save_checkpoint
 from chunkflow.train.metrics import MetricsWriter, peak_memory_bytes, step_flops
-from chunkflow.train.optim import build_optimizer, build_scheduler, wrap_ddp
+from chunkflow.train.build import build_model_and_ddp, build_schedule
+from chunkflow.train.optim import build_optimizer, build_scheduler
 
-__all__ = ["Trainer", "build_schedule"]
-
-
-def build_schedule(cfg: Config, model: Any, ctx: ParallelContext) -> Any:
-    """The forward/backward runner selected by ``train.schedule``."""
-    if cfg.train.schedule == "megatron":
-        from chunkflow.train.megatron_schedule import MegatronSchedule
-
-        return MegatronSchedule(model, ctx.device)
-    from chunkflow.scheduling.runner import build_chunkflow_schedule
-
-    return build_chunkflow_schedule(cfg, model, ctx)
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -60,32 +48,9 @@ class Trainer:
         self.samples, self.data_desc = load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
         self.loader = StepPlanLoader.from_config(cfg, self.samples, dp_size=ctx.dp_size)
 
-        self.tc = build_transformer_config(cfg)
-        model = build_model(cfg, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
-                            transformer_config=self.tc)
-        model.to(ctx.device)
-        if cfg.model.hf_dir and not cfg.train.load:  # start from Hugging Face weights
-            from chunkflow.model.hf import load_hf_weights
-
-            n = load_hf_weights(model, cfg.model.hf_dir, cfg.model, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
-            self.log(f"loaded {n:,} parameters of this rank from {cfg.model.hf_dir}")
-        if cfg.lora.enabled:  # freeze the base, add adapters; before DDP sizes its grad buffers
-            from chunkflow.model.lora import apply_lora, load_adapters
-
-            lo = cfg.lora
-            names = apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
-                               targets=lo.targets, seed=lo.seed)
-            if lo.load:
-                load_adapters(model, lo.load)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            self.log(f"LoRA r={lo.rank} on {', '.join(lo.targets)}: {len(names)} adapter tensors, "
-                     f"{trainable:,} trainable parameters on this rank"
-                     + (f" (from {lo.load})" if lo.load else ""))
-        self.model = wrap_ddp(model, self.tc, cfg)
+        self.model, self.tc = build_model_and_ddp(cfg, ctx, prepare=self._prepare_model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.tc.finalize_model_grads_func = finalize_model_grads
-        self.tc.no_sync_func = self.model.no_sync
         self.tc.grad_scale_func = self.optimizer.scale_loss if cfg.model.dtype == "fp16" else None
         self.schedule = build_schedule(cfg, self.model, ctx)
 
@@ -98,6 +63,28 @@ class Trainer:
                 self.loader.load_state_dict(state["loader"])
             self.log(f"resumed from {cfg.train.load} at step {self.step}")
         self.metrics = MetricsWriter(self.out_dir, ctx.is_logging_rank, append=bool(cfg.train.load))
+
+    def _prepare_model(self, model: torch.nn.Module) -> None:
+        """HF weights and LoRA adapters, before DDP sizes its gradient buffers."""
+        cfg = self.cfg
+        if cfg.model.hf_dir and not cfg.train.load:  # start from Hugging Face weights
+            from chunkflow.model.hf import load_hf_weights
+
+            n = load_hf_weights(model, cfg.model.hf_dir, cfg.model, tp_rank=self.ctx.tp_rank,
+                                tp_size=self.ctx.tp_size)
+            self.log(f"loaded {n:,} parameters of this rank from {cfg.model.hf_dir}")
+        if cfg.lora.enabled:  # freeze the base, add adapters
+            from chunkflow.model.lora import apply_lora, load_adapters
+
+            lo = cfg.lora
+            names = apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+                               targets=lo.targets, seed=lo.seed)
+            if lo.load:
+                load_adapters(model, lo.load)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.log(f"LoRA r={lo.rank} on {', '.join(lo.targets)}: {len(names)} adapter tensors, "
+                     f"{trainable:,} trainable parameters on this rank"
+                     + (f" (from {lo.load})" if lo.load else ""))
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:

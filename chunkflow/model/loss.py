@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["token_losses", "vocab_parallel_cross_entropy"]
+__all__ = ["token_losses", "masked_loss", "vocab_parallel_cross_entropy"]
 
 
 def _tp_group() -> Any:
@@ -70,3 +70,14 @@ def token_losses(model: Any, b: Any) -> torch.Tensor:
     if not getattr(module, "post_process", True):
         return out
     return vocab_parallel_cross_entropy(out, b.labels, _tp_group())
+
+
+def masked_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """megatron per-token loss: (sum of masked losses, number of loss tokens, report)."""
+    losses = output.reshape(-1)
+    losses = losses.to(torch.promote_types(losses.dtype, torch.float32))  # fp64 stays fp64
+    mask = loss_mask.reshape(-1).to(losses.dtype)
+    loss_sum = (losses * mask).sum()
+    num = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num.detach().to(loss_sum.dtype)])
+    return loss_sum, num, {"lm loss": report}

@@ -122,7 +122,7 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-    from chunkflow.model.hf import layer_offset
+    from chunkflow.model.state import layer_offset
     from chunkflow.model.provider import build_model
     from chunkflow.parallel.distributed import init_distributed
 
@@ -201,7 +201,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor: int = 1, pipeline:
     Spawns ``tensor * pipeline`` local processes (gloo). ``dtype`` (fp32, bf16, ...)
     defaults to the source's ``config.json`` dtype. Returns ``out``.
     """
-    from chunkflow.testing.distributed import run_distributed
+    from chunkflow.parallel.spawn import run_distributed
 
     cfg = layout_config(hf_dir, tensor=tensor, pipeline=pipeline, dtype=dtype)
     check_hf_tensors(SafetensorsReader(hf_dir), cfg.model)  # fail here rather than in every rank
@@ -376,7 +376,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
 def export_hf_standalone(ckpt: str | Path, out_dir: str | Path, **kwargs: Any) -> list[str]:
     """:func:`export_hf` in this process with its own world-size-1 process group."""
     from chunkflow.parallel.distributed import destroy_distributed, init_distributed
-    from chunkflow.testing.distributed import free_port
+    from chunkflow.parallel.spawn import free_port
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
