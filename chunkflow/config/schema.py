@@ -126,6 +126,10 @@ class TrainConfig:
     save_at_end: bool = True
     load: str = ""  # checkpoint directory to start from (model, optimizer, data state)
     distributed_optimizer: bool = False
+    # fp16 only: the dynamic loss scale's starting value (halved on overflow, the step
+    # then skipped). megatron's own default, 2**32, skips ~30 steps before the first
+    # update; 2**16 (torch's GradScaler default) starts training at once.
+    initial_loss_scale: float = 65536.0
     # Write <output_dir>/timeline.json (per-stage compute intervals of the last step,
     # for scripts/plot_schedule.py --timeline); chunkflow schedule with PP > 1.
     save_timeline: bool = False

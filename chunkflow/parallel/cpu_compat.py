@@ -66,6 +66,7 @@ PATCHED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",  # fp16 loss scale tensors
     "megatron.core.tensor_parallel.random",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.mappings",

@@ -37,6 +37,7 @@ def build_optimizer(model: DistributedDataParallel, cfg: Config) -> Any:
         clip_grad=t.grad_clip,
         bf16=m.dtype == "bf16",
         fp16=m.dtype == "fp16",
+        initial_loss_scale=t.initial_loss_scale,
         params_dtype=model.module.config.params_dtype if hasattr(model, "module") else torch.float32,
         use_distributed_optimizer=t.distributed_optimizer,
     )

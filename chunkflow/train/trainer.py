@@ -98,7 +98,8 @@ class Trainer:
             self.schedule.step = self.step
         result = self.schedule.run(rows)
         ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        if ok:  # an fp16 step skipped on overflow does not advance the LR schedule (as megatron)
+            self.scheduler.step(increment=1)
         wall = time.perf_counter() - t0
         self.step += 1
 
@@ -156,7 +157,7 @@ class Trainer:
             if self.ctx.is_logging_rank and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps):
                 self.log(
                     f"step {rec['step']:>5}/{cfg.train.steps}  loss {rec['loss']:.4f}  "
-                    f"grad_norm {rec['grad_norm']:.3f}  lr {rec['lr']:.2e}  "
+                    f"grad_norm {_fmt(rec['grad_norm'], '.3f', 'skipped')}  lr {rec['lr']:.2e}  "
                     f"tokens/s {rec['tokens_per_s']:.0f}  tflops/s {rec['tflops_per_s']:.4f}  "
                     f"bubble {rec['bubble_fraction']:.2f}"
                 )
@@ -210,3 +211,8 @@ class Trainer:
             from chunkflow.model.lora import save_adapters
 
             save_adapters(self.model, path / "adapter", rank=self.ctx.rank)
+
+
+def _fmt(value: Optional[float], spec: str, missing: str) -> str:
+    """``value`` formatted, or ``missing`` (e.g. no grad norm: fp16 step skipped on overflow)."""
+    return missing if value is None else format(value, spec)
