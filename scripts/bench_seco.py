@@ -136,11 +136,11 @@ def _step(method: str, models: dict, sample, cfg, device, step: int, rss: PeakRS
         if method == "spaco":
             sampler = SpaCOSampler(c.spaco.budget, c.spaco.sampler, c.spaco.max_factor, seed=cfg.train.seed)
         ctx = ParallelContext(0, 1, 0, 1, 1, 1, 0, 0, 0, device)
-        runner = ChunkFlowSchedule(ddp, ctx, 1, measure_memory=True, sampler=sampler)
-        runner.step = step
+        schedule = ChunkFlowSchedule(ddp, ctx, 1, measure_memory=True, sampler=sampler)
+        schedule.step = step
         rss.start()
         t0 = time.perf_counter()
-        res = runner.run(rows)
+        res = schedule.run(rows)
         out["seconds"] = time.perf_counter() - t0
         e = res.extra
         out["act_bytes"] = e["saved_activation_peak_bytes"] + e["saved_kv_peak_bytes"] + e["kv_state_peak_bytes"]

@@ -50,10 +50,10 @@ def _measure(rank: int, world: int, config: str, overrides: list, schedule: str,
         plan = plan_megatron_step(samples, dp_size=1, max_seq_len=cfg.data.max_seq_len)
     else:
         plan = plan_chunkflow_step(samples, dp_size=1, chunk_size=C)
-    runner = build_schedule(cfg, ddp, ctx)
+    schedule = build_schedule(cfg, ddp, ctx)
     base_rss = peak_memory_bytes(ctx.device)
     with SavedTensorMeter(exclude=ddp.module) as meter:
-        res = runner.run(plan.rows_per_rank[0])
+        res = schedule.run(plan.rows_per_rank[0])
     return {
         "schedule": schedule, "multiple": m, "longest": m * C, "chunk_size": C, "k": cfg.chunkflow.k,
         "saved_activation_bytes": meter.peak_bytes,

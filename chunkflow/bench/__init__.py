@@ -9,7 +9,7 @@ batches, layout and activation-memory budget) and returns the report that
 
 from chunkflow.bench.config import chunkflow_points, megatron_candidates, validate_bench
 from chunkflow.bench.report import check_losses, format_table, plot_sweep, write_report
-from chunkflow.bench.runner import bench_worker, run_benchmark
+from chunkflow.bench.driver import bench_worker, run_benchmark
 
 __all__ = ["run_benchmark", "bench_worker", "validate_bench", "megatron_candidates", "chunkflow_points",
            "check_losses", "format_table", "plot_sweep", "write_report"]

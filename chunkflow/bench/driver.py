@@ -53,7 +53,7 @@ class Side:
     plans: list[StepPlan]
     chunk_size: Optional[int] = None
     k: Optional[int] = None
-    runner: Any = None
+    built_schedule: Any = None  # the schedule object (run(rows) -> StepResult) of this side
     records: dict[int, list[dict]] = field(default_factory=dict)
     timed: bool = False
 
@@ -138,10 +138,10 @@ class _Bench:
         self.models.pop(recompute, None)
         gc.collect()
 
-    def attach_runner(self, side: Side) -> None:
+    def attach_schedule(self, side: Side) -> None:
         from chunkflow.train.build import build_schedule
 
-        side.runner = build_schedule(self.side_config(side), self.model(side.recompute), self.ctx)
+        side.built_schedule = build_schedule(self.side_config(side), self.model(side.recompute), self.ctx)
 
     # ------------------------------------------------------------------ one step
     def step(self, side: Side, i: int) -> dict:
@@ -153,11 +153,11 @@ class _Bench:
         t0 = time.perf_counter()
         ddp.zero_grad_buffer()
         with SavedTensorMeter(exclude=ddp.module) as meter:
-            result = side.runner.run(rows)
+            result = side.built_schedule.run(rows)
         wall = time.perf_counter() - t0
         extra = getattr(result, "extra", None) or {}
         cache = 0
-        pipeline_plan = side.runner.last.plan if getattr(side.runner, "last", None) is not None else None
+        pipeline_plan = side.built_schedule.last.plan if getattr(side.built_schedule, "last", None) is not None else None
         if side.schedule == "chunkflow" and pipeline_plan is not None:
             mc = ddp.module.config
             cache = input_cache_peak_bytes(
@@ -196,7 +196,7 @@ class _Bench:
         names = megatron_candidates(self.cfg)
         for n, recompute in enumerate(names):
             side = Side("megatron", recompute, plans)
-            self.attach_runner(side)
+            self.attach_schedule(side)
             self.run_steps(side, self.warmup)
             tried.append(side)
             fits = side.fits(self.cfg)
@@ -204,7 +204,7 @@ class _Bench:
                      f"peak mem {side.mem_peak() / MIB:8.1f} MiB  -> {'fits' if fits else 'over budget'}")
             if fits or n == len(names) - 1:
                 return side, tried
-            side.runner = None
+            side.built_schedule = None
             if recompute != "none":  # ChunkFlow shares the recompute-free model
                 self.release(recompute)
         raise AssertionError("unreachable")
@@ -214,7 +214,7 @@ class _Bench:
         for c, k in chunkflow_points(self.cfg):
             plans = plans_by_c.setdefault(c, self.chunkflow_plans(c))
             side = Side("chunkflow", "none", plans, chunk_size=c, k=k)
-            self.attach_runner(side)
+            self.attach_schedule(side)
             self.run_steps(side, self.warmup)
             self.log(f"probe  {side.name:<32} activations {side.activation_peak() / MIB:9.1f} MiB  "
                      f"peak mem {side.mem_peak() / MIB:8.1f} MiB  -> "
