@@ -83,6 +83,8 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one entry: bench.sweep_k=2
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (item,) = typing.get_args(typ)[:1] or (Any,)
