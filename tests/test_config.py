@@ -337,3 +337,16 @@ def test_config_imports_nothing_above_it():
             for name in names:
                 assert not name.startswith("chunkflow.") or name.startswith("chunkflow.config"), (path.name, name)
                 assert name.split(".")[0] != "torch", (path.name, name)
+
+
+def test_qwen7b_config_with_released_hf_dir_loads(tmp_path):
+    # README: --config configs/qwen7b_32k.yaml model.hf_dir=/models/Qwen2.5-7B. The YAML's
+    # explicit architecture agrees with the released config.json, so this is no conflict.
+    d = _hf_dir(tmp_path / "qwen2.5-7b", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                rms_norm_eps=1e-06, max_position_embeddings=131072, use_sliding_window=False,
+                torch_dtype="bfloat16")
+    cfg = load_config(ROOT / "configs" / "qwen7b_32k.yaml", [f"model.hf_dir={d}"])
+    assert (cfg.model.num_layers, cfg.model.vocab_size, cfg.model.dtype) == (28, 152064, "bf16")
+    with pytest.raises(ConfigError, match=r"model.num_layers=28 \(config.json: 24\)"):
+        load_config(ROOT / "configs" / "qwen7b_32k.yaml", [f"model.hf_dir={_hf_dir(tmp_path / 'other', num_hidden_layers=24)}"])
