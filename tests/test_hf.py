@@ -38,8 +38,6 @@ ARCHS = {  # name -> (family, layers, tied embeddings)
     "llama_tied": ("llama", 2, True),
 }
 LAYOUTS = {"tp1": [], "tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"]}
-NO_CPU_TIED_PP = ("tied embeddings with PP>1: megatron's construction-time embedding sync calls "
-                  "Tensor.cuda(), which chunkflow's cpu_compat does not redirect yet")
 BASE = ["data.max_seq_len=64", "data.global_batch_size=2", "chunkflow.chunk_size=32"]
 
 
@@ -148,13 +146,7 @@ def _parity_worker(rank, world, dirs, imports, out_root):
     results = {}
     for name, hf_dir in dirs.items():
         for layout, overrides in LAYOUTS.items():
-            try:
-                cfg, ctx, model = _model_for([f"model.hf_dir={hf_dir}", *overrides])
-            except AssertionError as e:  # megatron's tied-embedding sync calls .cuda()
-                if "CUDA" not in str(e):
-                    raise
-                results[(name, "hf_dir", layout)] = NO_CPU_TIED_PP
-                continue
+            cfg, ctx, model = _model_for([f"model.hf_dir={hf_dir}", *overrides])
             load_hf_weights(model, hf_dir, cfg.model, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
             results[(name, "hf_dir", layout)] = megatron_logits(model, ctx, TOKENS)
     for name, import_layout, load_layout in imports:
@@ -237,8 +229,6 @@ def parity(hf_models):
 def test_logits_match_transformers(hf_models, parity, name, layout):
     _, _, ref = hf_models
     got = parity[(name, "hf_dir", layout)]
-    if isinstance(got, str) and got == NO_CPU_TIED_PP:
-        pytest.skip(NO_CPU_TIED_PP)
     assert got.shape == ref[name].shape
     assert (got - ref[name]).abs().max() < 1e-5
 
@@ -345,15 +335,17 @@ def test_rope_scaling_and_vocab_split_are_refused(tmp_path):
 
 
 def test_config_comes_from_hf_dir(tmp_path):
-    from chunkflow.config import load_config
+    from chunkflow.config import ConfigError, load_config
 
     d = _tiny_llama_dir(tmp_path / "m", rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True)
     (d / "tokenizer.json").write_text("{}")
-    cfg = load_config(None, [f"model.hf_dir={d}", "model.num_layers=7"])
+    cfg = load_config(None, [f"model.hf_dir={d}"])
     m = cfg.model
     assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups) == (1, 64, 96, 2)
     assert (m.rope_base, m.norm_epsilon, m.qkv_bias, m.tie_embeddings) == (5e5, 1e-5, False, True)
     assert cfg.data.tokenizer == str(d / "tokenizer.json")
+    with pytest.raises(ConfigError, match=r"model.num_layers=7 \(config.json: 1\)"):
+        load_config(None, [f"model.hf_dir={d}", "model.num_layers=7"])  # refused, not overridden
 
 
 def test_wrong_shape_and_missing_tensor_are_named(tmp_path):

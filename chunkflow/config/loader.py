@@ -3,25 +3,31 @@
 Unknown keys are errors that name the full dotted path and the nearest valid key; values
 are converted to the field's declared type, so ``train.steps=abc`` fails with the key in
 the message rather than deep inside training.
+
+The loader also records which keys the YAML and the overrides set (``explicit``): a key
+left out keeps its default. ``model.hf_dir`` refuses to replace an explicit architecture
+field with a different value, and validation uses the record to catch a large model whose
+other sizes were left at the tiny CPU defaults (see ``ModelConfig``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from chunkflow.config.errors import ConfigError
+from chunkflow.config.hf import apply_hf_config
 from chunkflow.config.schema import Config
 
 __all__ = ["ConfigError", "load_config", "apply_overrides", "config_to_dict", "dump_config"]
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key and the fix."""
+logger = logging.getLogger(__name__)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -77,6 +83,8 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one entry: bench.sweep_k=2
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (item,) = typing.get_args(typ)[:1] or (Any,)
@@ -85,7 +93,7 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
     return value
 
 
-def _merge(obj: Any, updates: Mapping[str, Any], prefix: str) -> None:
+def _merge(obj: Any, updates: Mapping[str, Any], prefix: str, explicit: set[str]) -> None:
     if not isinstance(updates, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {updates!r}")
     types = _field_types(type(obj))
@@ -95,12 +103,13 @@ def _merge(obj: Any, updates: Mapping[str, Any], prefix: str) -> None:
             raise ConfigError(f"unknown config key '{path}'{_nearest(key, list(types))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, f"{path}.")
+            _merge(current, value, f"{path}.", explicit)
         else:
             setattr(obj, key, _coerce(value, types[key], path))
+            explicit.add(path)
 
 
-def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
+def _set_dotted(cfg: Config, dotted: str, raw: str, explicit: set[str]) -> None:
     parts = dotted.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts):
@@ -115,28 +124,33 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
                 raise ConfigError(f"'{path}' is a section; set one of its keys, e.g. {path}.<key>=...")
             value = yaml.safe_load(raw) if raw.strip() else ""
             setattr(obj, part, _coerce(value, types[part], path))
+            explicit.add(path)
         else:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
                 raise ConfigError(f"'{path}' is a value, not a section")
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """Apply ``a.b=c`` strings in order (values parsed as YAML scalars)."""
+def apply_overrides(cfg: Config, overrides: Sequence[str], explicit: Optional[set[str]] = None) -> Config:
+    """Apply ``a.b=c`` strings in order (values parsed as YAML scalars); the dotted keys
+    set are added to ``explicit`` when given."""
+    explicit = set() if explicit is None else explicit
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=10)")
         key, raw = item.split("=", 1)
-        _set_dotted(cfg, key.strip(), raw)
+        _set_dotted(cfg, key.strip(), raw, explicit)
     return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML at ``path`` (if any), then ``overrides``; then the
-    architecture from ``model.hf_dir``'s config.json (if set); then validated."""
+    architecture from ``model.hf_dir``'s config.json (if set, and logged as
+    "model.hf_dir sets num_layers=28, ..."); then validated."""
     from chunkflow.config.validate import validate_config
 
     cfg = Config()
+    explicit: set[str] = set()  # dotted keys the YAML or an override set
     if path:
         p = Path(path)
         if not p.is_file():
@@ -145,13 +159,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        _merge(cfg, data, "")
-    apply_overrides(cfg, overrides)
-    if cfg.model.hf_dir:  # the architecture comes from the HF config.json, not the YAML
-        from chunkflow.model.hf import apply_hf_config
-
-        apply_hf_config(cfg)
-    validate_config(cfg)
+        _merge(cfg, data, "", explicit)
+    apply_overrides(cfg, overrides, explicit)
+    if cfg.model.hf_dir:  # the architecture comes from the HF config.json
+        fields = apply_hf_config(cfg, explicit)
+        logger.info("model.hf_dir sets %s", ", ".join(fields))
+        explicit |= {"model." + f.split("=", 1)[0] for f in fields}
+    validate_config(cfg, explicit)
     return cfg
 
 

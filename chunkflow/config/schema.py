@@ -2,7 +2,9 @@
 YAML files and ``a.b=c`` command-line overrides only change values (see ``loader.py``).
 
 The defaults describe the tiny CPU model of ``configs/tiny_cpu.yaml`` so that a config
-file only has to state what differs.
+file only has to state what differs. ``validate.py`` checks every field: each name field
+against its tuple below (``CHOICES``), each number against its range (``NUMBER_RULES``;
+NaN and infinity never pass), then the rules that tie fields together.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ __all__ = [
     "RECOMPUTE",
     "DTYPES",
     "OVERLONG",
+    "BACKENDS",
+    "TINY_DEFAULT_FIELDS",
+    "TINY_DEFAULT_MAX_HIDDEN",
 ]
 
 SCHEDULES = ("megatron", "chunkflow")
@@ -39,11 +44,22 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 OVERLONG = ("error", "truncate", "drop")
+BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend
+# A large model (hidden_size >= TINY_DEFAULT_MAX_HIDDEN, 8x the tiny default) whose config
+# never set one of these fields (YAML, override or model.hf_dir) still has the tiny CPU
+# value, e.g. hidden_size 3584 with vocab_size 512: an error lists them and suggests
+# model.hf_dir. A field set explicitly to the same value is accepted.
+TINY_DEFAULT_FIELDS = ("num_layers", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+TINY_DEFAULT_MAX_HIDDEN = 1024
 
 
 @dataclass
 class ModelConfig:
-    """A Qwen2 / Llama style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """A Qwen2 / Llama style decoder (RMSNorm, SwiGLU, RoPE, GQA).
+
+    The defaults are a tiny CPU model. A large ``hidden_size`` with any of
+    ``TINY_DEFAULT_FIELDS`` never set is refused (see above): set them, or ``hf_dir``.
+    """
 
     num_layers: int = 4
     hidden_size: int = 128
@@ -58,9 +74,11 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "fp32"  # one of DTYPES; CPU runs use fp32 (no bf16 units here)
     # Hugging Face model directory (config.json, *.safetensors, tokenizer.json) to start
-    # from: its config.json replaces the architecture fields above, its weights are
-    # loaded (each rank reads only its shard) unless train.load is set, and its
-    # tokenizer.json becomes data.tokenizer when that is empty. See docs/hf.md.
+    # from: its config.json sets the architecture fields above (num_layers .. init_std,
+    # logged as "model.hf_dir sets ..."); setting one of them to a different value in the
+    # YAML or on the command line is an error. Its weights are loaded (each rank reads
+    # only its shard) unless train.load is set, and its tokenizer.json becomes
+    # data.tokenizer when that is empty. See docs/hf.md.
     hf_dir: str = ""
 
 
@@ -71,7 +89,7 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     sequence_parallel: bool = False
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    backend: str = "auto"  # BACKENDS: auto (nccl with CUDA, else gloo) | gloo | nccl
     threads_per_rank: int = 1  # torch intra-op threads per process on CPU
     timeout_s: int = 600  # process-group timeout
 

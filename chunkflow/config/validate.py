@@ -1,51 +1,199 @@
 """Checks that need no process group: run at the edge, before anything is built.
 
-Each error names the setting and says which values would work.
+Each error names the setting and says which values would work. Single values are checked
+from two tables, :data:`CHOICES` (field -> allowed names) and :data:`NUMBER_RULES` (field
+-> allowed range; NaN and infinity are refused for every number, since ``nan <= 0`` is
+false and would slip through a range check); rules that relate several fields follow.
 """
 
 from __future__ import annotations
 
-from chunkflow.config.loader import ConfigError
-from chunkflow.config.schema import (DTYPES, LORA_TARGETS, MODES, OVERLONG, RECOMPUTE, SCHEDULES,
-                                     SPACO_SAMPLERS, Config)
+import dataclasses
+import math
+from typing import Any, Callable, Collection, Iterator, Optional
 
-__all__ = ["validate_config", "validate_layout", "divisors"]
+from chunkflow.config.loader import ConfigError
+from chunkflow.config.schema import (BACKENDS, DTYPES, LORA_TARGETS, MODES, OVERLONG, RECOMPUTE,
+                                     SCHEDULES, SPACO_SAMPLERS, TINY_DEFAULT_FIELDS,
+                                     TINY_DEFAULT_MAX_HIDDEN, Config, ModelConfig)
+
+__all__ = ["validate_config", "validate_layout", "divisors", "CHOICES", "NUMBER_RULES", "CROSS_CHECKED"]
+
+# field -> allowed values (a list field: each entry).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": DTYPES,
+    "parallel.backend": BACKENDS,
+    "data.overlong": OVERLONG,
+    "train.schedule": SCHEDULES,
+    "train.recompute": RECOMPUTE,
+    "chunkflow.mode": MODES,
+    "chunkflow.spaco.sampler": SPACO_SAMPLERS,
+    "lora.targets": LORA_TARGETS,
+    "bench.megatron_recompute": ("auto",) + RECOMPUTE,
+}
+
+Rule = tuple[Callable[[float], bool], str]  # (accepts the value, the fix in words)
+INT_GE1: Rule = (lambda v: v >= 1, "an integer >= 1")
+INT_GE0: Rule = (lambda v: v >= 0, "an integer >= 0")
+POSITIVE: Rule = (lambda v: v > 0, "a number > 0")
+NON_NEGATIVE: Rule = (lambda v: v >= 0, "a number >= 0")
+FRACTION: Rule = (lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+BELOW_ONE: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+# field -> the values it accepts on its own (a list field: each entry).
+NUMBER_RULES: dict[str, Rule] = {
+    "model.num_layers": INT_GE1,
+    "model.hidden_size": INT_GE1,
+    "model.ffn_hidden_size": INT_GE1,
+    "model.num_attention_heads": INT_GE1,
+    "model.num_query_groups": INT_GE1,
+    "model.vocab_size": INT_GE1,
+    "model.rope_base": POSITIVE,
+    "model.norm_epsilon": POSITIVE,
+    "model.init_std": POSITIVE,
+    "parallel.tensor": INT_GE1,
+    "parallel.pipeline": INT_GE1,
+    "parallel.threads_per_rank": INT_GE1,
+    "parallel.timeout_s": INT_GE1,
+    "data.max_seq_len": INT_GE1,
+    "data.global_batch_size": INT_GE1,
+    "data.seed": INT_GE0,
+    "data.pad_to_multiple": INT_GE1,
+    "data.synthetic.num_samples": INT_GE1,
+    "data.synthetic.short_fraction": FRACTION,
+    "data.synthetic.medium_fraction": FRACTION,
+    "data.synthetic.long_fraction": FRACTION,
+    "data.synthetic.max_len_fraction": FRACTION,
+    "train.steps": INT_GE1,
+    "train.lr": POSITIVE,
+    "train.min_lr": NON_NEGATIVE,
+    "train.warmup_steps": INT_GE0,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.adam_beta1": BELOW_ONE,
+    "train.adam_beta2": BELOW_ONE,
+    "train.adam_eps": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.seed": INT_GE0,
+    "train.log_every": INT_GE1,
+    "train.save_every": INT_GE0,
+    "chunkflow.k": INT_GE1,
+    "lora.rank": INT_GE1,
+    "lora.alpha": POSITIVE,
+    "lora.dropout": BELOW_ONE,
+    "lora.seed": INT_GE0,
+    "bench.memory_budget_mb": NON_NEGATIVE,
+    "bench.peak_mem_budget_mb": NON_NEGATIVE,
+    "bench.warmup_steps": INT_GE1,
+    "bench.timed_steps": INT_GE1,
+    "bench.sweep_chunk_sizes": INT_GE1,
+    "bench.sweep_k": INT_GE1,
+}
+# Numbers whose range depends on other fields: checked (finite first) further down.
+CROSS_CHECKED = ("chunkflow.chunk_size", "chunkflow.spaco.budget", "chunkflow.spaco.max_factor",
+                 "data.synthetic.min_len")
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _choice(value: str, options: tuple[str, ...], key: str) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
-
-
-def _positive(value: float, key: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be positive, got {value}")
-
-
 def _joined(values: list[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def validate_config(cfg: Config) -> None:
-    """Everything that can be checked without knowing the world size."""
-    m, p, d, t, c = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.chunkflow
-    _choice(t.schedule, SCHEDULES, "train.schedule")
-    _choice(t.recompute, RECOMPUTE, "train.recompute")
-    _choice(m.dtype, DTYPES, "model.dtype")
-    _choice(d.overlong, OVERLONG, "data.overlong")
-    _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "vocab_size"):
-        _positive(getattr(m, key), f"model.{key}")
-    for key, value in (("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
-                       ("data.max_seq_len", d.max_seq_len),
-                       ("data.global_batch_size", d.global_batch_size),
-                       ("train.steps", t.steps), ("train.lr", t.lr)):
-        _positive(value, key)
+def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-section field of the config tree."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_choices(values: dict[str, Any]) -> None:
+    for key, options in CHOICES.items():
+        value = values[key]
+        if isinstance(value, (list, tuple)):
+            bad = [v for v in value if v not in options]
+            if bad or not value:
+                why = f" ({', '.join(map(str, bad))})" if bad else " (empty)"
+                raise ConfigError(f"{key}={list(value)} is invalid{why}: use one or more of {', '.join(options)}")
+        elif value not in options:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
+
+
+def _check_numbers(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        fix = NUMBER_RULES[key][1] if key in NUMBER_RULES else "a finite number"
+        if any(_is_number(v) and not math.isfinite(v) for v in items):
+            raise ConfigError(f"{key}={value} is not a finite number: use {fix}")
+        if key not in NUMBER_RULES:
+            continue
+        accepts, fix = NUMBER_RULES[key]
+        bad = [v for v in items if not accepts(v)]
+        if bad and isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={list(value)} is invalid ({_joined(bad)}): use {fix} for each entry")
+        if bad:
+            raise ConfigError(f"{key}={value} is invalid: use {fix}")
+
+
+def _check_tiny_defaults(m: ModelConfig, explicit: Collection[str]) -> None:
+    """A large model whose other sizes were never set (see ``TINY_DEFAULT_FIELDS``)."""
+    if m.hidden_size < TINY_DEFAULT_MAX_HIDDEN:
+        return
+    tiny = ModelConfig()
+    left = [f"model.{k}={getattr(m, k)}" for k in TINY_DEFAULT_FIELDS
+            if f"model.{k}" not in explicit and getattr(m, k) == getattr(tiny, k)]
+    if left:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} describes a large model, but {', '.join(left)} "
+            f"{'is' if len(left) == 1 else 'are'} still the tiny CPU default; set model.hf_dir to "
+            f"take the architecture from a Hugging Face config.json, or set "
+            f"{'it' if len(left) == 1 else 'them'} explicitly"
+        )
+
+
+def _check_train_and_data(cfg: Config) -> None:
+    t, s = cfg.train, cfg.data.synthetic
+    if t.min_lr > t.lr:
+        raise ConfigError(
+            f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}: the schedule decays from train.lr "
+            f"down to train.min_lr; set train.min_lr <= train.lr"
+        )
+    total = s.short_fraction + s.medium_fraction + s.long_fraction
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(
+            f"data.synthetic.short_fraction + medium_fraction + long_fraction = {total:g}: "
+            f"they are the shares of three length bands and must sum to 1"
+        )
+    if s.max_len_fraction > s.long_fraction:
+        raise ConfigError(
+            f"data.synthetic.max_len_fraction={s.max_len_fraction} exceeds data.synthetic."
+            f"long_fraction={s.long_fraction}: the samples at max_seq_len are part of the long "
+            f"band; use a value <= {s.long_fraction}"
+        )
+
+
+def validate_config(cfg: Config, explicit: Optional[Collection[str]] = None) -> None:
+    """Everything that can be checked without knowing the world size.
+
+    ``explicit``: the dotted keys the YAML, the overrides or ``model.hf_dir`` set (as
+    :func:`~chunkflow.config.loader.load_config` records them); with it, a large model
+    whose other architecture fields were left at the tiny defaults is refused.
+    """
+    m, p, d, c = cfg.model, cfg.parallel, cfg.data, cfg.chunkflow
+    values = dict(_leaves(cfg))
+    _check_choices(values)
+    _check_numbers(values)
+    if explicit is not None:
+        _check_tiny_defaults(m, explicit)
+    _check_train_and_data(cfg)
 
     if m.hidden_size % m.num_attention_heads:
         ok = [h for h in divisors(m.hidden_size) if h <= 4 * m.num_attention_heads]
@@ -91,8 +239,6 @@ def validate_config(cfg: Config) -> None:
             f"chunkflow.chunk_size={c.chunk_size} is invalid: use {ok}"
             f"no larger than data.max_seq_len={d.max_seq_len}"
         )
-    if c.k < 1:
-        raise ConfigError(f"chunkflow.k={c.k} is invalid: use an integer >= 1")
     if d.synthetic.min_len < 1 or d.synthetic.min_len > d.max_seq_len:
         raise ConfigError(
             f"data.synthetic.min_len={d.synthetic.min_len} must be in [1, data.max_seq_len="
@@ -104,8 +250,6 @@ def validate_config(cfg: Config) -> None:
 
 def _validate_seco_spaco(cfg: Config) -> None:
     c, s = cfg.chunkflow, cfg.chunkflow.spaco
-    _choice(c.mode, MODES, "chunkflow.mode")
-    _choice(s.sampler, SPACO_SAMPLERS, "chunkflow.spaco.sampler")
     if s.budget <= 0 or (s.budget >= 1 and not float(s.budget).is_integer()):
         raise ConfigError(
             f"chunkflow.spaco.budget={s.budget} is invalid: use a whole number of chunks (>= 1) "
@@ -134,17 +278,6 @@ def _validate_lora(cfg: Config) -> None:
         if lo.load:
             raise ConfigError(f"lora.load={lo.load!r} needs lora.enabled=true")
         return
-    if lo.rank < 1:
-        raise ConfigError(f"lora.rank={lo.rank} is invalid: use an integer >= 1")
-    _positive(lo.alpha, "lora.alpha")
-    if not 0 <= lo.dropout < 1:
-        raise ConfigError(f"lora.dropout={lo.dropout} must be in [0, 1)")
-    bad = [t for t in lo.targets if t not in LORA_TARGETS]
-    if bad or not lo.targets:
-        raise ConfigError(
-            f"lora.targets={list(lo.targets)} is invalid{' (' + ', '.join(bad) + ')' if bad else ' (empty)'}: "
-            f"use one or more of {', '.join(LORA_TARGETS)}"
-        )
     if cfg.parallel.sequence_parallel:
         raise ConfigError("lora.enabled=true does not support parallel.sequence_parallel=true; set it to false")
 

@@ -1,12 +1,9 @@
 """Hugging Face Qwen2 / Llama checkpoints <-> megatron-core names, shapes and shards.
 
-Architecture: ``config.json`` -> :class:`~chunkflow.config.schema.ModelConfig`::
-
-    hidden_size -> hidden_size            intermediate_size   -> ffn_hidden_size
-    num_hidden_layers -> num_layers       num_attention_heads -> num_attention_heads
-    num_key_value_heads -> num_query_groups   vocab_size -> vocab_size
-    rope_theta (or rope_parameters.rope_theta) -> rope_base   rms_norm_eps -> norm_epsilon
-    tie_word_embeddings -> tie_embeddings     Qwen2: qkv_bias=True, Llama: attention_bias
+Architecture: ``config.json`` -> :class:`~chunkflow.config.schema.ModelConfig` lives in
+:mod:`chunkflow.config.hf` (the config layer applies ``model.hf_dir`` without importing
+the model); its names are re-exported here. This module adds the reverse mapping
+(:func:`hf_config_from_model`) and the weights.
 
 Weights, per layer ``i`` (megatron name of the full TP=1/PP=1 model <- HF name)::
 
@@ -38,14 +35,15 @@ which sizes work. Exported checkpoints therefore have exactly the source vocabul
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from chunkflow.config.schema import Config, ModelConfig
+from chunkflow.config.hf import (DTYPE_NAMES, SUPPORTED_ARCHITECTURES, HFError, apply_hf_config,
+                                 check_parallel_sizes, hf_dtype, model_fields_from_hf, read_hf_config)
+from chunkflow.config.schema import ModelConfig
 from chunkflow.model.safetensors_stream import SafetensorsReader, TensorSpec
 from chunkflow.model.state import global_name, layer_offset
 
@@ -56,129 +54,13 @@ __all__ = [
     "read_shard", "to_hf", "load_hf_weights", "model_config_from_dict", "DTYPE_NAMES",
 ]
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 # Small files copied next to the weights on import and export (those that exist).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
-# chunkflow dtype names <-> names in config.json ("dtype" / "torch_dtype").
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
-
-
-class HFError(ValueError):
-    """A Hugging Face checkpoint chunkflow cannot convert; the message says what and why."""
 
 
 # --------------------------------------------------------------------------- config
-def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise HFError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    return json.loads(path.read_text())
-
-
-def _architecture(hf: dict) -> str:
-    archs = hf.get("architectures") or []
-    if archs:
-        arch = archs[0]
-    else:  # older or hand-written configs: fall back to model_type
-        by_type = {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}
-        arch = by_type.get(hf.get("model_type", ""), f"model_type={hf.get('model_type')}")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise HFError(
-            f"architecture '{arch}' is not supported; chunkflow converts "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2, Qwen2.5, Llama 2/3 without rope scaling)"
-        )
-    return arch
-
-
-def _rope(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}  # transformers >= 5
-    scaling = hf.get("rope_scaling") or {}  # transformers 4
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise HFError(f"rope type '{kind}' (rope scaling) is not supported; only plain RoPE is")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def model_fields_from_hf(hf: dict) -> dict[str, Any]:
-    """``ModelConfig`` field values for a Hugging Face ``config.json`` (as a dict)."""
-    arch = _architecture(hf)
-    if hf.get("hidden_act", "silu") != "silu":
-        raise HFError(f"hidden_act '{hf['hidden_act']}' is not supported; only silu (SwiGLU)")
-    heads = int(hf["num_attention_heads"])
-    hidden = int(hf["hidden_size"])
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != hidden:
-        raise HFError(f"head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hidden}; "
-                      "chunkflow needs head_dim = hidden_size / num_attention_heads")
-    if arch == "LlamaForCausalLM":
-        if hf.get("attention_bias", False):
-            raise HFError("attention_bias=true (bias on q/k/v and o_proj) is not supported for Llama")
-        if hf.get("mlp_bias", False):
-            raise HFError("mlp_bias=true is not supported")
-        qkv_bias = False
-    else:
-        if hf.get("use_sliding_window", False):
-            raise HFError("use_sliding_window=true is not supported; chunkflow uses full attention")
-        qkv_bias = True
-    kinds = set(hf.get("layer_types") or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise HFError(f"layer_types {sorted(kinds)} are not supported; only full_attention")
-    return dict(
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=hidden,
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        num_attention_heads=heads,
-        num_query_groups=int(hf.get("num_key_value_heads") or heads),
-        vocab_size=int(hf["vocab_size"]),
-        rope_base=_rope(hf),
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=qkv_bias,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-    )
-
-
-def hf_dtype(hf: dict) -> Optional[str]:
-    """The checkpoint's dtype as a chunkflow name (``bf16``, ...), if config.json says."""
-    name = hf.get("dtype") or hf.get("torch_dtype")
-    return {v: k for k, v in DTYPE_NAMES.items()}.get(str(name).replace("torch.", ""))
-
-
-def check_parallel_sizes(m: ModelConfig, tensor: int) -> None:
-    """Sizes megatron splits across tensor ranks that the layout checks do not cover."""
-    for key, value in (("vocab_size", m.vocab_size), ("ffn_hidden_size", m.ffn_hidden_size)):
-        if value % tensor:
-            ok = [t for t in range(1, 65) if value % t == 0 and m.num_query_groups % t == 0]
-            raise HFError(
-                f"model.{key}={value} is not divisible by parallel.tensor={tensor} (megatron "
-                f"splits it across tensor ranks and chunkflow does not pad it); use "
-                f"parallel.tensor in {ok[:8]}"
-            )
-
-
-def apply_hf_config(cfg: Config) -> Config:
-    """Overwrite ``cfg.model``'s architecture from ``<model.hf_dir>/config.json``.
-
-    Also points ``data.tokenizer`` at the directory's ``tokenizer.json`` when that is
-    unset. Errors are :class:`~chunkflow.config.loader.ConfigError` naming ``model.hf_dir``.
-    """
-    from chunkflow.config.loader import ConfigError
-
-    hf_dir = cfg.model.hf_dir
-    try:
-        for key, value in model_fields_from_hf(read_hf_config(hf_dir)).items():
-            setattr(cfg.model, key, value)
-        check_parallel_sizes(cfg.model, cfg.parallel.tensor)
-    except HFError as e:
-        raise ConfigError(f"model.hf_dir={hf_dir}: {e}") from e
-    tokenizer = Path(hf_dir) / "tokenizer.json"
-    if not cfg.data.tokenizer and tokenizer.is_file():
-        cfg.data.tokenizer = str(tokenizer)
-    return cfg
-
-
 def hf_config_from_model(m: ModelConfig, base: Optional[dict], dtype: str, max_positions: int) -> dict:
     """``config.json`` for an export: ``base`` (the source's, if known) with the
     architecture fields set from ``m``; a fresh Qwen2 (qkv bias) or Llama config otherwise."""
