@@ -21,36 +21,31 @@ LENGTHS = [128, 20, 9, 70, 33]  # 4 + 3 + 2 dependent chunks at C = 32, short on
 def _build(overrides, full_state=None, adapters=None):
     """Config, groups, base model (+ ``full_state``), LoRA (+ ``adapters``), DDP wrapper."""
     import torch
-    from megatron.core.distributed import finalize_model_grads
 
     from _workers import TINY
     from chunkflow.config import load_config
     from chunkflow.model.lora import apply_lora, lora_parameters
-    from chunkflow.model.provider import build_model, build_transformer_config
-    from chunkflow.model.state import load_full_state_dict, shard_tensor
+    from chunkflow.model.state import shard_tensor
     from chunkflow.parallel.distributed import init_distributed
-    from chunkflow.train.optim import wrap_ddp
+    from chunkflow.train.build import build_model_and_ddp
 
     cfg = load_config(None, list(TINY) + LORA + list(overrides))
     ctx = init_distributed(cfg)
     torch.manual_seed(0)
-    tc = build_transformer_config(cfg)
-    model = build_model(cfg, pre_process=True, post_process=True, transformer_config=tc)
-    if full_state is not None:
-        load_full_state_dict(model, full_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, layer_offset=0)
-    lo = cfg.lora
-    apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets, seed=lo.seed)
-    with torch.no_grad():
-        if adapters is not None:
-            for name, p in lora_parameters(model).items():
-                p.copy_(shard_tensor(adapters[name], p, name, ctx.tp_rank, ctx.tp_size))
-        else:  # random A and B (same on every rank: seeded, TP=1 only)
-            g = torch.Generator().manual_seed(1)
-            for name, p in sorted(lora_parameters(model).items()):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    ddp = wrap_ddp(model, tc, cfg)
-    tc.finalize_model_grads_func = finalize_model_grads
-    tc.no_sync_func = ddp.no_sync
+
+    def prepare(model: torch.nn.Module) -> None:
+        lo = cfg.lora
+        apply_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets, seed=lo.seed)
+        with torch.no_grad():
+            if adapters is not None:
+                for name, p in lora_parameters(model).items():
+                    p.copy_(shard_tensor(adapters[name], p, name, ctx.tp_rank, ctx.tp_size))
+            else:  # random A and B (same on every rank: seeded, TP=1 only)
+                g = torch.Generator().manual_seed(1)
+                for name, p in sorted(lora_parameters(model).items()):
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+
+    ddp, _ = build_model_and_ddp(cfg, ctx, full_state=full_state, prepare=prepare)
     return cfg, ctx, ddp
 
 

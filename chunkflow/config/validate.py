@@ -76,6 +76,7 @@ NUMBER_RULES: dict[str, Rule] = {
     "train.seed": INT_GE0,
     "train.log_every": INT_GE1,
     "train.save_every": INT_GE0,
+    "train.initial_loss_scale": POSITIVE,
     "chunkflow.k": INT_GE1,
     "lora.rank": INT_GE1,
     "lora.alpha": POSITIVE,
