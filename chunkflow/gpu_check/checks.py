@@ -250,7 +250,7 @@ def _train_megatron(state: State) -> Result:
         cf = summarize_metrics(state.chunkflow_records, world_size=1, peak_tflops=None)
         if cf["step_time_s"] and s["step_time_s"]:
             details["chunkflow_speedup"] = s["step_time_s"] / cf["step_time_s"]
-            value += f"; chunkflow {details['chunkflow_speedup']:.2f}x"
+            value += f"; chunkflow step time {details['chunkflow_speedup']:.2f}x faster"
         problems += mismatch
         if not worst <= tol:
             problems.append(f"losses differ from chunkflow's by {worst:.2e} > {tol:.0e}")

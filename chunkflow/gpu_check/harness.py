@@ -67,10 +67,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def exception_reason(exc: BaseException) -> str:
     """The exception's last line (type: message), prefixed when it is out of memory."""
-    lines = [ln for ln in traceback.format_exception_only(type(exc), exc) if ln.strip()]
-    last = lines[-1].strip() if lines else type(exc).__name__
-    # Multi-line messages (e.g. a subprocess's stderr): keep their last non-empty line.
-    last = [ln for ln in last.splitlines() if ln.strip()][-1] if last.strip() else last
+    text = "".join(traceback.format_exception_only(type(exc), exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    name = type(exc).__name__
+    if name not in last.split(":")[0]:  # a multi-line message: keep its type in front
+        last = f"{name}: {last}"
     if is_out_of_memory(exc):
         return f"out of memory: {last}"
     return last

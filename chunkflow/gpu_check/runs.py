@@ -138,7 +138,7 @@ def describe_throughput(s: dict) -> str:
     if s.get("tokens_per_s_per_gpu") is not None:
         parts.append(f"{s['tokens_per_s_per_gpu']:,.0f} tok/s/GPU")
     if s.get("tflops_per_s_per_gpu") is not None:
-        parts.append(f"{s['tflops_per_s_per_gpu']:.1f} TFLOP/s/GPU")
+        parts.append(f"{s['tflops_per_s_per_gpu']:.3g} TFLOP/s/GPU")
     parts.append(f"MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "MFU n/a")
     if s.get("peak_mem_bytes") is not None:
         parts.append(f"peak {s['peak_mem_bytes'] / 2**30:.1f} GiB")
