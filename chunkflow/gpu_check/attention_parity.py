@@ -140,8 +140,8 @@ def _packed(lengths: list[int], pad: int, seed: int):
         module = _sdpa_module(heads, groups)
 
         def fn(q, k, v):  # (h, t, d) -> megatron's THD (t, h, d) and back
-            out = module(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None,
-                         packed_seq_params=psp)
+            thd = [x.transpose(0, 1).contiguous() for x in (q, k, v)]  # numerics, not strides
+            out = module(*thd, None, packed_seq_params=psp)
             return out.reshape(t, heads, HEAD_DIM).transpose(0, 1)
         return data, fn
     return build

@@ -326,6 +326,6 @@ def build_checks(opts: Options) -> tuple[list[Check], State]:
     add("train[megatron]", lambda: _train_megatron(state))
     for entry in ("verify", "train"):
         for layout in ("tensor", "pipeline"):
-            add(f"multi_gpu[{entry} {layout[0]}p{opts.nproc}]", lambda e=entry, lay=layout: _multi_gpu(state, e, lay),
+            add(f"multi_gpu[{entry},{layout[0]}p{opts.nproc}]", lambda e=entry, lay=layout: _multi_gpu(state, e, lay),
                 needs=())
     return checks, state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def _git_commit() -> Optional[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.cpu_smoke:  # CPU even on a GPU machine: hide the devices before CUDA starts
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False, torch "
               f"{torch.__version__}, CUDA build {torch.version.cuda}). Run with --cpu-smoke for the "

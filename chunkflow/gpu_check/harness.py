@@ -9,7 +9,7 @@ counter reset, so an OOM in one check does not starve the next::
     STATUS  CHECK                         SECONDS  VALUE / REASON
     PASS    attention[flash-attn,bf16]        1.2  worst rel 4.1e-03 (packed dq), tol 2.0e-02
     FAIL    train[chunkflow]                 41.0  out of memory: CUDA out of memory. Tried ...
-    SKIP    multi_gpu[verify tp2]             0.0  needs 2 CUDA devices, found 1
+    SKIP    multi_gpu[verify,tp2]             0.0  needs 2 CUDA devices, found 1
 """
 
 from __future__ import annotations

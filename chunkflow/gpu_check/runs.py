@@ -7,7 +7,7 @@ path runs) and short samples of odd lengths that are packed together::
 
     GPU default, max_seq_len 32768, C = 8192, K = 2:
       32768 -> 4 dependent chunks (chunks 0-1 forward without graphs, recomputed)
-      12289 -> 2 dependent chunks;  5001 2047 777 129 33 -> packed standalone chunks
+      12289 -> 2 dependent chunks;  5462 2047 781 129 33 -> packed standalone chunks
 
 Nothing here picks a device: runs take the :class:`ParallelContext` the caller built.
 """
