@@ -99,19 +99,34 @@ def full_reference(rank: int, world: int, overrides: Sequence[str], samples, see
 
 
 def rel_diff(a, b) -> float:
+    """``||a - b|| / ||b||``; infinite when either side has a NaN or infinity (a NaN
+    would lose every later ``max()`` comparison and vanish from a running maximum)."""
+    import math
+
+    import torch
+
     a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return math.inf
+    rel = float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return rel if math.isfinite(rel) else math.inf
 
 
 def compare_sharded(grads: dict, ref: dict, ddp, ctx, offset: int) -> float:
-    """Max relative difference of this rank's gradient shards against full references."""
+    """Max relative difference of this rank's gradient shards against full references.
+    A non-finite gradient (either side) raises, naming the parameter."""
+    import math
+
     from chunkflow.model.state import global_name, shard_tensor
 
     worst = 0.0
     for n, p in ddp.module.named_parameters():
         g = global_name(n, offset)
         want = shard_tensor(ref[g], p, n, ctx.tp_rank, ctx.tp_size)
-        worst = max(worst, rel_diff(grads[g], want))
+        rel = rel_diff(grads[g], want)
+        if not math.isfinite(rel):
+            raise AssertionError(f"non-finite gradient of {g} (rank {ctx.rank})")
+        worst = max(worst, rel)
     return worst
 
 
