@@ -46,6 +46,9 @@ def validate_config(cfg: Config) -> None:
                        ("data.global_batch_size", d.global_batch_size),
                        ("train.steps", t.steps), ("train.lr", t.lr)):
         _positive(value, key)
+    if t.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops must be >= 0 (0 = look the GPU up by name), "
+                          f"got {t.peak_tflops}")
 
     if m.hidden_size % m.num_attention_heads:
         ok = [h for h in divisors(m.hidden_size) if h <= 4 * m.num_attention_heads]
