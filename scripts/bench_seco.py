@@ -27,10 +27,8 @@ points, rounded down to a multiple of C). Prints a table, writes JSON and a PNG
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -46,32 +44,6 @@ DEFAULTS = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_lay
             "model.dtype=fp32", "chunkflow.chunk_size=1024", "chunkflow.spaco.budget=2",
             "bench.memory_budget_mb=256"]
 METHODS = ("full", "recompute", "seco", "spaco")
-
-
-class PeakRSS:
-    """Peak resident memory of this process over a region (Linux: VmHWM, reset first)."""
-
-    _hwm = re.compile(r"VmHWM:\s+(\d+)\s+kB")
-
-    def __init__(self) -> None:
-        try:
-            self._libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self._libc = None
-
-    def _read(self, key: str) -> int:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"{key}:\s+(\d+)\s+kB", f.read()).group(1)) * 1024
-
-    def start(self) -> None:
-        if self._libc is not None:
-            self._libc.malloc_trim(0)  # give freed heap back, so the last run's does not count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS
-        self.base = self._read("VmRSS")
-
-    def increase(self) -> int:
-        return self._read("VmHWM") - self.base
 
 
 def _sample(length: int, vocab: int, seed: int):
@@ -109,7 +81,7 @@ def _forward_only(ddp, sample, device) -> float:
     return time.perf_counter() - t0
 
 
-def _step(method: str, models: dict, sample, cfg, device, step: int, rss: PeakRSS) -> dict:
+def _step(method: str, models: dict, sample, cfg, device, step: int, rss) -> dict:
     """One training step of ``method``; time and memory."""
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
     from chunkflow.pipeline.executor import ChunkFlowSchedule
@@ -124,7 +96,7 @@ def _step(method: str, models: dict, sample, cfg, device, step: int, rss: PeakRS
     out: dict = {}
     if method in ("full", "recompute"):
         rows = plan_megatron_step([sample], dp_size=1, max_seq_len=len(sample)).rows_per_rank[0]
-        rss.start()
+        rss.reset(trim=True)
         t0 = time.perf_counter()
         with SavedTensorMeter(exclude=ddp.module) as meter:
             MegatronSchedule(ddp, device).run(rows)
@@ -136,11 +108,11 @@ def _step(method: str, models: dict, sample, cfg, device, step: int, rss: PeakRS
         if method == "spaco":
             sampler = SpaCOSampler(c.spaco.budget, c.spaco.sampler, c.spaco.max_factor, seed=cfg.train.seed)
         ctx = ParallelContext(0, 1, 0, 1, 1, 1, 0, 0, 0, device)
-        schedule = ChunkFlowSchedule(ddp, ctx, 1, measure_memory=True, sampler=sampler)
-        schedule.step = step
-        rss.start()
+        engine = ChunkFlowSchedule(ddp, ctx, 1, measure_memory=True, sampler=sampler)
+        engine.step = step
+        rss.reset(trim=True)
         t0 = time.perf_counter()
-        res = schedule.run(rows)
+        res = engine.run(rows)
         out["seconds"] = time.perf_counter() - t0
         e = res.extra
         out["act_bytes"] = e["saved_activation_peak_bytes"] + e["saved_kv_peak_bytes"] + e["kv_state_peak_bytes"]
@@ -148,7 +120,7 @@ def _step(method: str, models: dict, sample, cfg, device, step: int, rss: PeakRS
         if sampler is not None:
             out["backprop_chunks"] = e["spaco_backprop_chunks"]
             out["chunks"] = e["spaco_chunks"]
-    out["rss_increase_bytes"] = rss.increase()
+    out["rss_increase_bytes"] = rss.peak_allocated() - rss.before
     return out
 
 
@@ -172,13 +144,14 @@ def run(cfg, lengths: list[int], steps_short: int, steps_long: int, long_from: i
     import torch
 
     from chunkflow.parallel.distributed import init_distributed
+    from chunkflow.train.metrics import PeakMemory
 
     ctx = init_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
     base = _build(cfg, ctx, "none")
     state = {k: v for k, v in base.module.state_dict().items() if not k.endswith("_extra_state")}
     models = {"base": base, "recompute": _build(cfg, ctx, "full", state)}
-    rss = PeakRSS()
+    rss = PeakMemory(ctx.device)  # the one peak-memory reader (VmHWM, reset per step)
     warm = _sample(min(lengths), cfg.model.vocab_size, seed=0)
     for method in methods:  # warm-up: first calls allocate and pick kernels
         _step(method, models, warm, cfg, ctx.device, 0, rss)

@@ -6,7 +6,8 @@ For each multiple m, one global batch holds a sample of m x C tokens (C =
 chunkflow.chunk_size) plus a few short ones. Each (schedule, m) runs in its own process
 (so peak RSS is that run's) on one rank and reports: bytes saved for backward at peak
 (activations; ChunkFlow's K/V-prefix tensors separately), the K/V state store, and the
-process's peak RSS. Prints a table and writes JSON next to --out.
+process's peak memory (RSS on CPU, allocated device memory on GPU; the one reader
+chunkflow.train.metrics.PeakMemory). Prints a table and writes JSON next to --out.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _measure(rank: int, world: int, config: str, overrides: list, schedule: str,
     from chunkflow.data.types import Sample
     from chunkflow.parallel.distributed import init_distributed
     from chunkflow.scheduling.memory import SavedTensorMeter
-    from chunkflow.train.metrics import peak_memory_bytes
+    from chunkflow.train.metrics import PeakMemory
     from chunkflow.train.build import build_model_and_ddp, build_schedule
 
     C = load_config(config, overrides).chunkflow.chunk_size
@@ -50,17 +51,19 @@ def _measure(rank: int, world: int, config: str, overrides: list, schedule: str,
         plan = plan_megatron_step(samples, dp_size=1, max_seq_len=cfg.data.max_seq_len)
     else:
         plan = plan_chunkflow_step(samples, dp_size=1, chunk_size=C)
-    schedule = build_schedule(cfg, ddp, ctx)
-    base_rss = peak_memory_bytes(ctx.device)
+    engine = build_schedule(cfg, ddp, ctx)
+    memory = PeakMemory(ctx.device)
+    memory.reset(trim=True)  # the peak of this run alone, where the platform can reset it
     with SavedTensorMeter(exclude=ddp.module) as meter:
-        res = schedule.run(plan.rows_per_rank[0])
+        res = engine.run(plan.rows_per_rank[0])
+    peak = memory.peak_allocated()
     return {
         "schedule": schedule, "multiple": m, "longest": m * C, "chunk_size": C, "k": cfg.chunkflow.k,
         "saved_activation_bytes": meter.peak_bytes,
         "saved_kv_prefix_bytes": meter.peak_kv_bytes,
         "kv_state_bytes": int(getattr(res, "extra", {}).get("kv_state_peak_bytes", 0)),
-        "peak_rss_bytes": peak_memory_bytes(ctx.device),
-        "rss_growth_bytes": peak_memory_bytes(ctx.device) - base_rss,
+        "peak_rss_bytes": peak, "peak_mem_source": memory.source,
+        "rss_growth_bytes": peak - memory.before,
     }
 
 

@@ -70,10 +70,10 @@ def run_step(cfg, ctx, ddp, samples, schedule: str, *, k: Optional[int] = None,
     else:
         plan = plan_chunkflow_step(samples, dp_size=ctx.dp_size, chunk_size=cfg.chunkflow.chunk_size)
     ddp.zero_grad_buffer()
-    schedule = build_schedule(cfg, ddp, ctx)
+    engine = build_schedule(cfg, ddp, ctx)
     if measure:
-        schedule.measure_memory = True
-    res = schedule.run(plan.rows_per_rank[ctx.dp_rank])
+        engine.measure_memory = True
+    res = engine.run(plan.rows_per_rank[ctx.dp_rank])
     t = torch.tensor([res.loss_sum], dtype=torch.float64)
     dist.all_reduce(t, group=ctx.dp_group)
     grads = {global_name(n, offset): p.main_grad.detach().clone()
@@ -83,7 +83,7 @@ def run_step(cfg, ctx, ddp, samples, schedule: str, *, k: Optional[int] = None,
         "grads": grads,
         "extra": dict(getattr(res, "extra", {}) or {}),
         "is_last": ctx.is_last_stage,
-        "actions": getattr(schedule, "last_actions", None),
+        "actions": getattr(engine, "last_actions", None),
     }
 
 

@@ -54,8 +54,8 @@ def test_check_losses_flags_differences():
 
 
 def test_recompute_flops_and_input_cache():
-    from chunkflow.bench.measure import (chunkflow_recompute_flops, forward_flops, input_cache_peak_bytes,
-                                         megatron_recompute_flops)
+    from chunkflow.bench.measure import chunkflow_recompute_flops, input_cache_peak_bytes, megatron_recompute_flops
+    from chunkflow.data.flops import causal_pairs, forward_flops
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
     from chunkflow.pipeline.plan import build_pipeline_plan
     from chunkflow.pipeline.simulate import samples_of_lengths
@@ -64,13 +64,13 @@ def test_recompute_flops_and_input_cache():
     samples = samples_of_lengths([256, 20, 30])  # one sample of 4 chunks of 64, two short ones
     cplan = plan_chunkflow_step(samples, dp_size=1, chunk_size=64)
     # K=1 recomputes chunks 0, 1, 2: their attention against the prefix adds up to (3C)^2
-    want = forward_flops(m, num_tokens=192, attention_sq=192**2)
+    want = forward_flops(m, num_tokens=192, num_pairs=causal_pairs(192))
     assert chunkflow_recompute_flops(m, cplan, 1) == pytest.approx(want)
     assert chunkflow_recompute_flops(m, cplan, 4) == 0.0
     mplan = plan_megatron_step(samples, dp_size=1, max_seq_len=256)
     full = megatron_recompute_flops(m, mplan, "full")
-    assert full == pytest.approx(forward_flops(m, num_tokens=306, attention_sq=256**2 + 20**2 + 30**2,
-                                               output_layer=False))
+    pairs = causal_pairs(256) + causal_pairs(20) + causal_pairs(30)
+    assert full == pytest.approx(forward_flops(m, num_tokens=306, num_pairs=pairs, output_layer=False))
     assert 0 < megatron_recompute_flops(m, mplan, "selective") < full
     # stage 1 of 2 caches the inputs of the 3 no-graph chunks until their recompute
     rows = cplan.rows_per_rank[0]

@@ -34,11 +34,12 @@ import torch
 import torch.distributed as dist
 
 from chunkflow.bench.config import MIB, chunkflow_points, megatron_candidates, validate_bench
-from chunkflow.bench.measure import ProcessMemory, input_cache_peak_bytes
+from chunkflow.bench.measure import input_cache_peak_bytes
 from chunkflow.config.schema import Config
 from chunkflow.data.plan import StepPlan, plan_chunkflow_step, plan_megatron_step
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.scheduling.memory import SavedTensorMeter
+from chunkflow.train.metrics import PeakMemory
 
 __all__ = ["Side", "run_benchmark", "bench_worker"]
 
@@ -90,7 +91,7 @@ class _Bench:
         self.warmup = list(range(b.warmup_steps))
         self.timed = list(range(b.warmup_steps, len(self.batches)))
         self.cost_model = CostModel.from_model_config(cfg.model)
-        self.memory = ProcessMemory(ctx.device)
+        self.memory = PeakMemory(ctx.device)
         self.models: dict[str, Any] = {}
         self.init_state: Optional[dict] = None
 
@@ -148,7 +149,7 @@ class _Bench:
         """Run global batch ``i`` through ``side`` on this rank; returns this rank's record."""
         ctx, ddp = self.ctx, self.models[side.recompute]
         rows = side.plans[i].rows_per_rank[ctx.dp_rank]
-        self.memory.start()
+        self.memory.reset(trim=True)
         dist.barrier()  # every rank starts the step together
         t0 = time.perf_counter()
         ddp.zero_grad_buffer()
@@ -173,7 +174,7 @@ class _Bench:
             "saved_activation_bytes": int(meter.peak_bytes), "kv_prefix_bytes": int(meter.peak_kv_bytes),
             "kv_state_bytes": kv_state, "input_cache_bytes": int(cache),
             "activation_bytes": int(meter.peak_bytes + meter.peak_kv_bytes + kv_state + cache),
-            "mem_before_bytes": int(self.memory.before), "mem_peak_bytes": int(self.memory.peak()),
+            "mem_before_bytes": int(self.memory.before), "mem_peak_bytes": int(self.memory.peak_allocated()),
             "grad_sq": _grad_sq(ddp) if ctx.dp_rank == 0 else 0.0,
             "micro_batches": len(rows),
         }

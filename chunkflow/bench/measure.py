@@ -8,22 +8,24 @@ Memory, per rank and per step
   store (stored K/V and their gradients) and, with a pipeline, each stage's cached
   inputs of chunks forwarded without a graph (:func:`input_cache_peak_bytes`). The parts
   are summed peak by peak, an upper bound: ChunkFlow is never under-counted.
-* **process memory** (:class:`ProcessMemory`): on GPU the peak allocated device memory;
-  on CPU the peak resident set size during the step, read from ``VmHWM`` after resetting
-  it (``/proc/self/clear_refs``) and returning free heap pages to the OS
-  (``malloc_trim``) just before the step, so one side's freed memory does not show up as
-  the next side's. Includes weights, gradients and transient buffers (logits).
+* **process memory** (:class:`chunkflow.train.metrics.PeakMemory`, the project's one
+  peak-memory reader): on GPU the peak allocated device memory; on CPU the peak resident
+  set size during the step, read from ``VmHWM`` after resetting it and returning free
+  heap pages to the OS (``reset(trim=True)``) just before the step, so one side's freed
+  memory does not show up as the next side's. Includes weights, gradients and transient
+  buffers (logits).
 
-Recompute FLOPs (model-FLOP convention of :mod:`chunkflow.train.metrics`)
--------------------------------------------------------------------------
-Extra forward work a schedule does beyond forward + backward, per global batch::
+Recompute FLOPs (the FLOP formula of :mod:`chunkflow.data.flops`)
+------------------------------------------------------------------
+Extra forward work a schedule does beyond forward + backward, per global batch, with
+``pairs`` the causal (query, key) pairs (:func:`~chunkflow.data.flops.causal_pairs`)::
 
     megatron  none       0
-              selective  core attention forward: L * 2 * h * sum(len^2)
+              selective  core attention forward: 4 L h * sum over samples of pairs(len)
               full       every transformer layer forward (not embedding / output layer)
     chunkflow            each Recompute(chunk) of the K-bounded plan: the chunk's whole
-                         forward, attention counted against its prefix P:
-                         L * 2 * h * ((P + c)^2 - P^2) for a chunk of c tokens
+                         forward, its attention over its K/V prefix P included:
+                         pairs(c, P) = c P + c (c + 1) / 2 for a chunk of c tokens
 
 reported as a share of the step's model training FLOPs (3 x forward), so full recompute
 shows ~0.3 and ChunkFlow shows the forward of the first N - K chunks of long samples.
@@ -31,123 +33,38 @@ shows ~0.3 and ChunkFlow shows the forward of the first N - K chunks of long sam
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import re
-import resource
-import sys
-from typing import Optional, Sequence
-
-import torch
+from typing import Sequence
 
 from chunkflow.config.schema import ModelConfig
+from chunkflow.data.flops import attention_flops_per_pair, causal_pairs, forward_flops, step_pairs
 from chunkflow.data.plan import StepPlan
 from chunkflow.data.types import PackedRow
 from chunkflow.scheduling.plan import Forward, Recompute, plan_single_stage
 
 __all__ = [
-    "ProcessMemory",
-    "forward_flops",
     "megatron_recompute_flops",
     "chunkflow_recompute_flops",
     "input_cache_peak_bytes",
 ]
 
 
-def _libc() -> Optional[ctypes.CDLL]:
-    name = ctypes.util.find_library("c")
-    try:
-        lib = ctypes.CDLL(name) if name else None
-    except OSError:  # pragma: no cover - exotic platforms
-        return None
-    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
-
-
-_LIBC = _libc() if sys.platform.startswith("linux") else None
-_HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
-
-
-class ProcessMemory:
-    """Peak process memory over a region (see module docstring). ``source`` says how."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.source = self._pick_source()
-        self.before = 0
-
-    def _pick_source(self) -> str:
-        if self.device.type == "cuda":  # pragma: no cover - GPU only
-            return "cuda_max_memory_allocated"
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            with open("/proc/self/status") as f:
-                if _HWM.search(f.read()):
-                    return "vmhwm"
-        except OSError:
-            pass
-        return "ru_maxrss"  # not resettable: a process-lifetime peak
-
-    def current(self) -> int:
-        if self.device.type == "cuda":  # pragma: no cover - GPU only
-            return int(torch.cuda.memory_allocated(self.device))
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # pragma: no cover - no procfs
-            return self.peak()
-
-    def start(self) -> None:
-        """Reset the peak to the current usage (call right before the measured region)."""
-        if self.device.type == "cuda":  # pragma: no cover - GPU only
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.source == "vmhwm":
-            if _LIBC is not None:
-                _LIBC.malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        self.before = self.current()
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":  # pragma: no cover - GPU only
-            return int(torch.cuda.max_memory_allocated(self.device))
-        if self.source == "vmhwm":
-            with open("/proc/self/status") as f:
-                return int(_HWM.search(f.read()).group(1)) * 1024
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def _per_layer(m: ModelConfig) -> int:
-    h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
-    return h * (h + 2 * m.num_query_groups * d) + h * h + 3 * h * m.ffn_hidden_size
-
-
-def forward_flops(m: ModelConfig, *, num_tokens: int, attention_sq: float, output_layer: bool = True) -> float:
-    """Forward FLOPs of ``num_tokens`` tokens whose causal attention spans ``attention_sq``
-    (sum of len^2 for whole samples; (P + c)^2 - P^2 for a chunk after a prefix P)."""
-    dense = m.num_layers * _per_layer(m) + (m.hidden_size * m.vocab_size if output_layer else 0)
-    return 2.0 * num_tokens * dense + 2.0 * m.num_layers * m.hidden_size * float(attention_sq)
-
-
 def megatron_recompute_flops(m: ModelConfig, plan: StepPlan, recompute: str) -> float:
     """Extra forward FLOPs of megatron's activation recompute over one global batch."""
     if recompute == "none":
         return 0.0
-    attention = 2.0 * m.num_layers * m.hidden_size * float(plan.sum_sq_seqlens)
+    pairs = step_pairs(num_tokens=plan.num_tokens, sum_sq_seqlens=plan.sum_sq_seqlens)
     if recompute == "selective":  # recompute_modules=["core_attn"]
-        return attention
+        return attention_flops_per_pair(m) * pairs
     if recompute == "full":  # every layer, uniform, one layer per checkpoint
-        return forward_flops(m, num_tokens=plan.num_tokens, attention_sq=plan.sum_sq_seqlens, output_layer=False)
+        return forward_flops(m, num_tokens=plan.num_tokens, num_pairs=pairs, output_layer=False)
     raise ValueError(f"unknown recompute setting {recompute!r}")
 
 
-def _chunk_attention_sq(row: PackedRow) -> float:
+def _row_pairs(row: PackedRow) -> int:
+    """Causal pairs of a row: a dependent chunk against its prefix, else each sample."""
     if row.dependent:
-        prefix, c = int(row.position_ids[0]), len(row)
-        return float((prefix + c) ** 2 - prefix**2)
-    return float(sum(int(n) ** 2 for n in row.seqlens))
+        return causal_pairs(len(row), int(row.position_ids[0]))
+    return sum(causal_pairs(int(n)) for n in row.seqlens)
 
 
 def chunkflow_recompute_flops(m: ModelConfig, plan: StepPlan, k: int) -> float:
@@ -161,7 +78,7 @@ def chunkflow_recompute_flops(m: ModelConfig, plan: StepPlan, k: int) -> float:
         for act in plan_single_stage(rows, k) if rows else []:
             if isinstance(act, Recompute):
                 row = rows[act.mb]
-                total += forward_flops(m, num_tokens=len(row), attention_sq=_chunk_attention_sq(row))
+                total += forward_flops(m, num_tokens=len(row), num_pairs=_row_pairs(row))
     return total
 
 

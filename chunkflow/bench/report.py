@@ -84,7 +84,7 @@ def summarise(side: Any, cfg: Config, timed: Sequence[int]) -> dict:
         tokens_per_s_spread=_spread([t / s for t, s in zip(tokens, times)]),
         tflops_per_s=sum(flops) / sum(times) / 1e12,
         step_time_s=times,
-        bubble_fraction=max(0.0, statistics.fmean(bubbles)),
+        bubble_fraction=statistics.fmean(bubbles),  # not clamped: < 0 means busy > wall, a bug
         bubble_fraction_per_step=bubbles,
         recompute_overhead=sum(extra) / sum(flops),
         micro_batches_per_step=[sum(1 for rows in p.rows_per_rank for row in rows if len(row)) for p in plans],

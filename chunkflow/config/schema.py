@@ -151,6 +151,10 @@ class TrainConfig:
     # Write <output_dir>/timeline.json (per-stage compute intervals of the last step,
     # for scripts/plot_schedule.py --timeline); chunkflow schedule with PP > 1.
     save_timeline: bool = False
+    # Peak dense TFLOP/s of one GPU for the mfu of metrics.jsonl; 0 = look the device up
+    # by name in chunkflow.train.metrics.PEAK_TFLOPS (bf16 tensor-core figures). On CPU,
+    # or on a GPU the table does not know, mfu is null unless this is set.
+    peak_tflops: float = 0.0
 
 
 @dataclass

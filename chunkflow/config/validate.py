@@ -77,6 +77,7 @@ NUMBER_RULES: dict[str, Rule] = {
     "train.log_every": INT_GE1,
     "train.save_every": INT_GE0,
     "train.initial_loss_scale": POSITIVE,
+    "train.peak_tflops": NON_NEGATIVE,
     "chunkflow.k": INT_GE1,
     "lora.rank": INT_GE1,
     "lora.alpha": POSITIVE,

@@ -15,13 +15,13 @@ plus the causal part of its own piece. So a packed row of samples L_1..L_m costs
 ~ sum L_i^2 / 2 attention pairs and dependent chunk j costs ~ C^2 (j + 1/2), and the
 dependent chunks of a sample add up to exactly what the whole sample would cost.
 
-The attention weight is a ratio of forward FLOPs (backward is ~2x both, so it cancels)::
+The attention weight is the ratio of the forward FLOPs of one pair to those of one
+token in :mod:`chunkflow.data.flops` (the project's one FLOP formula; backward is ~2x
+both, so it cancels)::
 
-    attention = num_layers * 4h                                   per (query, key) pair
-                / (num_layers * 2 (2h^2 + 2 h h_kv + 3 h f) + 2 h V)   per token
+    attention = 4 L h / (2 N)        N = matmul parameters per token (with the LM head)
 
-(q, o projections 2h^2, k, v 2 h h_kv, SwiGLU 3 h f, LM head h V; multiply-add = 2
-FLOPs). :meth:`CostModel.from_dims` computes it; :meth:`CostModel.for_hidden_size` uses a
+:meth:`CostModel.from_dims` computes it; :meth:`CostModel.for_hidden_size` uses a
 plain GPT block (24 h^2 per token) giving ``1 / (6 h)``. The default is a 4096-wide model.
 
 Assignment
@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
+from chunkflow.data.flops import attention_flops_per_pair, causal_pairs, matmul_params
 from chunkflow.data.types import PackedRow, Sample
 
 __all__ = [
@@ -82,12 +84,13 @@ class CostModel:
         num_layers: int = 1,
         vocab_size: int = 0,
     ) -> "CostModel":
-        """Forward-FLOP ratio for a GQA + SwiGLU decoder (formula in the module docstring)."""
-        h, f = hidden_size, ffn_hidden_size
-        h_kv = h * num_query_groups / num_attention_heads
-        per_token = num_layers * 2 * (2 * h * h + 2 * h * h_kv + 3 * h * f) + 2 * h * vocab_size
-        per_pair = num_layers * 4 * h
-        return cls(linear=1.0, attention=per_pair / per_token)
+        """Forward-FLOP ratio for a GQA + SwiGLU decoder (:mod:`chunkflow.data.flops`)."""
+        dims = SimpleNamespace(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size,
+                               num_attention_heads=num_attention_heads,
+                               num_query_groups=num_query_groups, num_layers=num_layers,
+                               vocab_size=vocab_size)
+        per_token = 2.0 * matmul_params(dims)
+        return cls(linear=1.0, attention=attention_flops_per_pair(dims) / per_token)
 
     @classmethod
     def from_model_config(cls, model: Any) -> "CostModel":
@@ -103,11 +106,6 @@ class CostModel:
 
     def __call__(self, num_tokens: float, num_pairs: float) -> float:
         return self.linear * num_tokens + self.attention * num_pairs
-
-
-def causal_pairs(length: int, prefix: int = 0) -> int:
-    """(query, key) pairs of ``length`` causal queries after ``prefix`` visible keys."""
-    return length * prefix + length * (length + 1) // 2
 
 
 def estimate_cost(row: PackedRow, *, cost_model: Optional[CostModel] = None) -> float:

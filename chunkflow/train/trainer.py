@@ -26,7 +26,8 @@ from chunkflow.config.loader import config_to_dict, dump_config
 from chunkflow.config.schema import Config
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.train.checkpoint import load_checkpoint, save_checkpoint
-from chunkflow.train.metrics import MetricsWriter, peak_memory_bytes, step_flops
+from chunkflow.train.metrics import (MetricsWriter, PeakMemory, device_clock, gather_rank_stats,
+                                     resolve_peak_tflops, step_flops, throughput_metrics)
 from chunkflow.train.build import build_model_and_ddp, build_schedule
 from chunkflow.train.optim import build_optimizer, build_scheduler
 
@@ -63,6 +64,10 @@ class Trainer:
                 self.loader.load_state_dict(state["loader"])
             self.log(f"resumed from {cfg.train.load} at step {self.step}")
         self.metrics = MetricsWriter(self.out_dir, ctx.is_logging_rank, append=bool(cfg.train.load))
+        self.memory = PeakMemory(ctx.device)
+        self.peak_tflops, peak_source = resolve_peak_tflops(cfg.train.peak_tflops, ctx.device)
+        self.log(f"MFU against {self.peak_tflops} TFLOP/s per GPU ({peak_source})" if self.peak_tflops
+                 else f"mfu is null: {peak_source}")
 
     def _prepare_model(self, model: torch.nn.Module) -> None:
         """HF weights and LoRA adapters, before DDP sizes its gradient buffers."""
@@ -91,7 +96,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         plan = self.loader.next()
         rows = plan.rows_per_rank[ctx.dp_rank]
-        t0 = time.perf_counter()
+        self.memory.reset()
+        t0 = device_clock(ctx.device)  # the device is idle: the last step ended synchronised
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         if hasattr(self.schedule, "step"):  # SpaCO keys its chunk draws by step
@@ -100,18 +106,15 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:  # an fp16 step skipped on overflow does not advance the LR schedule (as megatron)
             self.scheduler.step(increment=1)
-        wall = time.perf_counter() - t0
+        step_time = device_clock(ctx.device) - t0  # one synchronise: compute, not launches
         self.step += 1
 
         loss = self._global_loss(result.loss_sum, plan.num_loss_tokens)
-        # Bubble: share of the forward-backward wall time a stage spent not computing.
-        busy = torch.tensor([result.busy_s, result.wall_s], dtype=torch.float64)
-        if dist.is_initialized() and ctx.pp_size > 1:
-            parts = [torch.zeros_like(busy) for _ in range(ctx.pp_size)]
-            dist.all_gather(parts, busy, group=ctx.pp_group)
-            busy_fracs = [float(p[0] / max(p[1], 1e-9)) for p in parts]
-        else:
-            busy_fracs = [float(busy[0] / max(busy[1], 1e-9))]
+        stats = gather_rank_stats(ctx, {
+            "pp_rank": ctx.pp_rank, "busy_s": result.busy_s, "wall_s": result.wall_s,
+            "step_time_s": step_time, "peak_mem_allocated_bytes": self.memory.peak_allocated(),
+            "peak_mem_reserved_bytes": self.memory.peak_reserved(),
+        })
         flops = step_flops(cfg.model, num_tokens=plan.num_tokens, sum_sq_seqlens=plan.sum_sq_seqlens)
         record = {
             "step": self.step,
@@ -120,11 +123,8 @@ class Trainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "tokens": int(plan.num_tokens),
             "loss_tokens": int(plan.num_loss_tokens),
-            "tokens_per_s": plan.num_tokens / wall,
-            "tflops_per_s": flops / wall / 1e12,
-            "step_time_s": wall,
-            "peak_mem_bytes": peak_memory_bytes(ctx.device),
-            "bubble_fraction": max(0.0, 1.0 - sum(busy_fracs) / len(busy_fracs)),
+            **throughput_metrics(stats, num_tokens=plan.num_tokens, flops=flops,
+                                 num_stages=ctx.pp_size, peak_tflops=self.peak_tflops),
             "micro_batches": len(rows),
             "dp_imbalance": float(plan.imbalance),
             "schedule": cfg.train.schedule,
@@ -149,16 +149,21 @@ class Trainer:
         first: Optional[dict] = None
         last: dict = {}
         tokens = 0
+        peak_mem = 0
         while self.step < cfg.train.steps:
             rec = self.train_step()
             tokens += rec["tokens"]
+            peak_mem = max(peak_mem, rec["peak_mem_bytes"])
             first = first or rec
             last = rec
             if self.ctx.is_logging_rank and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps):
                 self.log(
                     f"step {rec['step']:>5}/{cfg.train.steps}  loss {rec['loss']:.4f}  "
                     f"grad_norm {_fmt(rec['grad_norm'], '.3f', 'skipped')}  lr {rec['lr']:.2e}  "
-                    f"tokens/s {rec['tokens_per_s']:.0f}  tflops/s {rec['tflops_per_s']:.4f}  "
+                    f"{rec['step_time_s']:.3f} s  tokens/s/gpu {rec['tokens_per_s_per_gpu']:.0f}  "
+                    f"tflops/s/gpu {rec['tflops_per_s_per_gpu']:.4g}  "
+                    + (f"mfu {100 * rec['mfu']:.1f}%  " if rec["mfu"] is not None else "")
+                    + f"peak mem {rec['peak_mem_allocated_bytes'] / 2**30:.2f} GiB  "
                     f"bubble {rec['bubble_fraction']:.2f}"
                 )
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
@@ -177,7 +182,7 @@ class Trainer:
             "tokens": tokens,
             "elapsed_s": elapsed,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "peak_mem_bytes": last.get("peak_mem_bytes"),
+            "peak_mem_bytes": peak_mem if last else None,  # max over steps and ranks
             "output_dir": str(self.out_dir),
             "checkpoint": str(ckpt) if ckpt else None,
         }
