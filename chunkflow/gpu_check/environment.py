@@ -13,24 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["collect_environment", "attention_backend_name", "peak_tflops", "PEAK_BF16_TFLOPS"]
+from chunkflow.train.metrics import device_peak_tflops
 
-# Dense bf16 peak of the GPUs MFU is usually quoted against (TFLOP/s, no sparsity).
-# Matched as substrings of torch.cuda.get_device_name, most specific first.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0),
-    ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
-)
-
-
-def peak_tflops(device_name: str) -> Optional[float]:
-    """Dense bf16 peak TFLOP/s for a device name, or None when unknown."""
-    for key, value in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return value
-    return None
-
+__all__ = ["collect_environment", "attention_backend_name"]
 
 def _version(dist: str) -> Optional[str]:
     try:
@@ -95,7 +80,7 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
             p = torch.cuda.get_device_properties(i)
             env["gpus"].append({
                 "index": i, "name": p.name, "memory_bytes": int(p.total_memory),
-                "capability": f"{p.major}.{p.minor}", "peak_bf16_tflops": peak_tflops(p.name),
+                "capability": f"{p.major}.{p.minor}", "peak_bf16_tflops": device_peak_tflops(p.name),
             })
         env["bf16_supported"] = torch.cuda.is_bf16_supported()
     env["process_group_backend"] = "nccl" if torch.cuda.is_available() else "gloo"
