@@ -178,9 +178,9 @@ def test_token_losses_are_per_token_over_the_padded_row(tp2_sp, ref):
 
 @pytest.mark.megatron
 @pytest.mark.slow
-def test_pp2_tp2_sp_chunkflow_matches_tp1(samples, ref):
+def test_pp2_tp2_sp_matches_tp1(samples, ref):
+    """Both schedules across two stages: the p2p buffers hold ``padded T / tp`` tokens."""
     layout = FP64 + SP + ["parallel.tensor=2", "parallel.pipeline=2"]
-    runs = [("chunkflow", 1, 64), ("chunkflow", 2, 64)]
-    per_rank = run_distributed(sp_layout_check, 4, (layout, samples, ref, runs))
+    per_rank = run_distributed(sp_layout_check, 4, (layout, samples, ref, RUNS))
     for rank in per_rank:
         _check_runs(rank["results"], ref)
