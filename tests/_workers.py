@@ -225,3 +225,90 @@ def forward_only_loss(rank: int, world: int, overrides, samples, ref: dict) -> O
     if not ctx.is_last_stage:
         return None
     return sum(float(r["lm loss"][0]) for r in reports) / plan.num_loss_tokens
+
+
+# ------------------------------------------------------------- sequence parallelism
+def _token_loss_rows(samples):
+    """A packed row and a lone sample (``packed=False``), both of odd length."""
+    from chunkflow.data.packing import pack_samples
+
+    (row,) = pack_samples(samples[:2], sum(len(s) for s in samples[:2]))
+    (alone,) = pack_samples(samples[2:3], len(samples[2]))
+    return [(row, True), (alone, False)]
+
+
+def _per_token_losses(ddp, ctx, samples, pad: int) -> list:
+    """Per-token losses of ``_token_loss_rows`` through ``token_losses`` (the schedules'
+    path) and through GPTModel's own loss (``labels=``), with shapes."""
+    import torch
+
+    from chunkflow.model.batch import row_to_tensors
+    from chunkflow.model.loss import token_losses
+
+    out = []
+    with torch.no_grad():
+        for row, packed in _token_loss_rows(samples):
+            b = row_to_tensors(row, ctx.device, packed=packed, pad_multiple=pad)
+            ours = token_losses(ddp, b)
+            megatron = ddp(b.input_ids, b.position_ids, None, labels=b.labels,
+                           packed_seq_params=b.packed_seq_params)
+            out.append({"len": len(row), "padded": b.input_ids.shape[1],
+                        "ours": ours.detach().clone(), "megatron": megatron.detach().clone()})
+    return out
+
+
+def _padding_run(cfg, ctx, ddp, samples, schedule: str, pad: int) -> dict:
+    """One step with rows padded to ``pad``: loss sum, loss tokens, gradients."""
+    import dataclasses
+
+    from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
+    from chunkflow.model.state import global_name, layer_offset
+    from chunkflow.train.build import build_schedule
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, schedule=schedule),
+                              data=dataclasses.replace(cfg.data, pad_to_multiple=pad))
+    if schedule == "megatron":
+        plan = plan_megatron_step(samples, dp_size=1, max_seq_len=cfg.data.max_seq_len)
+    else:
+        plan = plan_chunkflow_step(samples, dp_size=1, chunk_size=cfg.chunkflow.chunk_size)
+    ddp.zero_grad_buffer()
+    res = build_schedule(cfg, ddp, ctx).run(plan.rows_per_rank[0])
+    offset = layer_offset(ddp)
+    return {"loss_sum": res.loss_sum, "num_loss_tokens": res.num_loss_tokens,
+            "plan_loss_tokens": plan.num_loss_tokens,
+            "grads": {global_name(n, offset): p.main_grad.detach().clone()
+                      for n, p in ddp.module.named_parameters()}}
+
+
+def sp_reference(rank: int, world: int, overrides: Sequence[str], samples, pads: Sequence[int]) -> dict:
+    """World size 1: ``full_reference`` plus per-token losses of two odd-length rows, and
+    each schedule's loss, loss-token count and gradients with rows padded to each of ``pads``."""
+    import torch
+
+    torch.manual_seed(0)
+    cfg, ctx, ddp, _ = setup(list(overrides) + ["parallel.tensor=1", "parallel.pipeline=1"])
+    state = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    out = run_step(cfg, ctx, ddp, samples, "megatron")
+    padding = {(s, pad): _padding_run(cfg, ctx, ddp, samples, s, pad)
+               for s in ("megatron", "chunkflow") for pad in pads}
+    return {"state": state, "loss": out["loss"], "grads": out["grads"], "padding": padding,
+            "token_losses": _per_token_losses(ddp, ctx, samples, pad=1)}
+
+
+def sp_layout_check(rank: int, world: int, overrides, samples, ref: dict, runs) -> dict:
+    """``layout_check`` on a sequence-parallel layout, plus: which parameters carry
+    ``sequence_parallel`` and (one pipeline stage) the per-token losses' shapes and values."""
+    from chunkflow.train.build import row_pad_multiple
+
+    cfg, ctx, ddp, offset = setup(overrides, ref["state"])
+    results = []
+    for schedule, k, c in runs:
+        out = run_step(cfg, ctx, ddp, samples, schedule, k=k, chunk_size=c)
+        worst = compare_sharded(out["grads"], ref["grads"], ddp, ctx, offset)
+        results.append({"run": (schedule, k, c), "grad": worst,
+                        "loss": out["loss"] if ctx.is_last_stage else None})
+    marked = sorted(n for n, p in ddp.module.named_parameters() if getattr(p, "sequence_parallel", False))
+    tokens = None
+    if ctx.pp_size == 1:
+        tokens = _per_token_losses(ddp, ctx, samples, pad=row_pad_multiple(cfg))
+    return {"results": results, "sp_params": marked, "token_losses": tokens, "tp_rank": ctx.tp_rank}

@@ -232,14 +232,28 @@ def validate_config(cfg: Config, explicit: Optional[Collection[str]] = None) -> 
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")
 
-    # ChunkFlow chunk size: positive, at most the longest sample, and divisible by what
-    # sequence parallelism needs (each chunk's tokens are split across tensor ranks).
-    multiple = p.tensor if p.sequence_parallel else 1
+    if d.pad_to_multiple < 1:
+        raise ConfigError(f"data.pad_to_multiple={d.pad_to_multiple} is invalid: use an integer >= 1 "
+                          f"(1 = no padding)")
+
+    # ChunkFlow chunk size: positive, at most the longest sample, and a multiple of what
+    # every row is padded to (data.pad_to_multiple, and the tensor size under sequence
+    # parallelism, which splits each chunk's tokens across tensor ranks). Otherwise a
+    # full chunk would be padded and later chunks of its sample would attend to the
+    # padding's K/V; only a sample's last chunk may be short.
+    multiple = math.lcm(d.pad_to_multiple, p.tensor if p.sequence_parallel else 1)
     if c.chunk_size <= 0 or c.chunk_size > d.max_seq_len or c.chunk_size % multiple:
-        ok = f"a positive multiple of {multiple} " if multiple > 1 else "a positive integer "
+        why = ""
+        if multiple > 1:
+            why = (f" (data.pad_to_multiple={d.pad_to_multiple}"
+                   + (f", parallel.tensor={p.tensor} with sequence parallelism" if p.sequence_parallel else "")
+                   + ")")
+        ok = f"a positive multiple of {multiple}{why} " if multiple > 1 else "a positive integer "
+        nearest = max(multiple, c.chunk_size // multiple * multiple) if c.chunk_size > 0 else multiple
+        hint = f", e.g. {nearest}" if multiple > 1 and nearest <= d.max_seq_len else ""
         raise ConfigError(
             f"chunkflow.chunk_size={c.chunk_size} is invalid: use {ok}"
-            f"no larger than data.max_seq_len={d.max_seq_len}"
+            f"no larger than data.max_seq_len={d.max_seq_len}{hint}"
         )
     if d.synthetic.min_len < 1 or d.synthetic.min_len > d.max_seq_len:
         raise ConfigError(

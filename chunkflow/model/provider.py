@@ -2,8 +2,10 @@
 
 The layer spec is megatron's local spec (RMSNorm, SwiGLU MLP, RoPE) with core attention
 replaced by :class:`~chunkflow.model.attention.SDPAAttention`, which accepts packed
-(THD) micro-batches and the ChunkFlow hook, and a RoPE module that can shift positions
-by a per-call offset (dependent chunk j starts at position j*C).
+(THD) micro-batches and the ChunkFlow hook, every norm (the two per layer and the final
+one) replaced by :class:`~chunkflow.model.norm.RMSNorm`, which supports sequence
+parallelism, and a RoPE module that can shift positions by a per-call offset (dependent
+chunk j starts at position j*C).
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from chunkflow.config.schema import Config
 from chunkflow.model.attention import SDPAAttention
+from chunkflow.model.norm import RMSNorm
 
 __all__ = ["build_transformer_config", "build_model", "ROPE_OFFSET", "torch_dtype"]
 
@@ -105,10 +111,25 @@ def build_transformer_config(cfg: Config, *, variable_seq_lengths: bool = True) 
     return TransformerConfig(**kwargs)
 
 
-def _layer_spec() -> Any:
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    spec.submodules.self_attention.submodules.core_attention = SDPAAttention
-    return spec
+def _block_spec(tc: TransformerConfig) -> TransformerBlockSubmodules:
+    """This pipeline stage's layer specs and final norm.
+
+    Given a bare layer spec, ``TransformerBlock`` would build its final norm from a
+    module-level default (``WrappedTorchNorm`` without Apex/TE, which refuses sequence
+    parallelism); spelling out the block's submodules lets it use our norm too. The
+    layer count is megatron's own for this stage (pipeline rank from ``parallel_state``,
+    as ``TransformerBlock`` reads it).
+    """
+    layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    sub = layer.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
+    attn = sub.self_attention.submodules
+    attn.core_attention = SDPAAttention
+    for qk in ("q_layernorm", "k_layernorm"):  # IdentityOp unless qk_layernorm is on
+        if getattr(attn, qk, IdentityOp) is not IdentityOp:
+            setattr(attn, qk, RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(tc),
+                                      layer_norm=RMSNorm)
 
 
 def build_model(
@@ -119,7 +140,7 @@ def build_model(
     m = cfg.model
     model = GPTModel(
         config=tc,
-        transformer_layer_spec=_layer_spec(),
+        transformer_layer_spec=_block_spec(tc),
         vocab_size=m.vocab_size,
         max_sequence_length=cfg.data.max_seq_len,
         pre_process=pre_process,

@@ -9,6 +9,7 @@ the config at megatron's gradient finalisation and the wrapper's ``no_sync``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -51,17 +52,8 @@ def build_model_and_ddp(
 def row_pad_multiple(cfg: Config) -> int:
     """Rows are padded to a multiple of this: ``data.pad_to_multiple``, times the tensor
     size under sequence parallelism (megatron splits each row across tensor ranks)."""
-    m = max(1, cfg.data.pad_to_multiple)
-    if cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1:
-        t = cfg.parallel.tensor
-        m = m * t // _gcd(m, t)
-    return m
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
+    tp = cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1
+    return math.lcm(max(1, cfg.data.pad_to_multiple), tp)
 
 
 def build_schedule(cfg: Config, model: Any, ctx: ParallelContext) -> Any:
