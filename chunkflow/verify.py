@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from chunkflow.config.schema import Config
+from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
 
 __all__ = ["EquivalenceReport", "verify_equivalence", "TOLERANCE"]
@@ -59,9 +60,9 @@ def _global_loss(loss_sum: float, num_tokens: int, ctx: ParallelContext) -> floa
     t = torch.tensor([loss_sum], dtype=torch.float64)
     if dist.is_initialized():
         # Loss lives on the last stage; sum over data-parallel ranks, then share it.
-        dist.all_reduce(t, group=ctx.dp_group)
+        comm.all_reduce(t, group=ctx.dp_group)
         if ctx.pp_size > 1:
-            dist.broadcast(t, src=dist.get_global_rank(ctx.pp_group, ctx.pp_size - 1), group=ctx.pp_group)
+            comm.broadcast(t, src=dist.get_global_rank(ctx.pp_group, ctx.pp_size - 1), group=ctx.pp_group)
     return float(t[0]) / max(num_tokens, 1)
 
 
@@ -97,7 +98,7 @@ def verify_equivalence(cfg: Config, ctx: ParallelContext, *, full_state: Optiona
             worst, worst_name = rel, name
     t = torch.tensor([worst], dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        comm.all_reduce(t, op="max")
     return EquivalenceReport(
         max_rel_grad_diff=float(t[0]),
         worst_param=worst_name,

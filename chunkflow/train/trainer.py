@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from chunkflow.config.loader import config_to_dict, dump_config
 from chunkflow.config.schema import Config
+from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.train.checkpoint import load_checkpoint, save_checkpoint
 from chunkflow.train.metrics import MetricsWriter, peak_memory_bytes, step_flops
@@ -106,8 +107,7 @@ class Trainer:
         # Bubble: share of the forward-backward wall time a stage spent not computing.
         busy = torch.tensor([result.busy_s, result.wall_s], dtype=torch.float64)
         if dist.is_initialized() and ctx.pp_size > 1:
-            parts = [torch.zeros_like(busy) for _ in range(ctx.pp_size)]
-            dist.all_gather(parts, busy, group=ctx.pp_group)
+            parts = comm.all_gather(busy, group=ctx.pp_group)
             busy_fracs = [float(p[0] / max(p[1], 1e-9)) for p in parts]
         else:
             busy_fracs = [float(busy[0] / max(busy[1], 1e-9))]
@@ -135,10 +135,9 @@ class Trainer:
 
     def _global_loss(self, loss_sum: float, num_loss_tokens: int) -> float:
         """Mean per-token loss over the global batch, on the logging rank."""
-        t = torch.tensor([loss_sum], dtype=torch.float64)
         if dist.is_initialized() and self.ctx.dp_size > 1:
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        return float(t[0]) / max(num_loss_tokens, 1)
+            (loss_sum,) = comm.reduce_scalars([loss_sum], group=self.ctx.dp_group)
+        return float(loss_sum) / max(num_loss_tokens, 1)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -186,9 +185,8 @@ class Trainer:
         timeline = getattr(self.schedule, "last_timeline", None)
         if timeline is None or self.ctx.dp_rank != 0 or self.ctx.tp_rank != 0:
             return
-        stages: list = [None] * self.ctx.pp_size
         if dist.is_initialized() and self.ctx.pp_size > 1:
-            dist.all_gather_object(stages, timeline, group=self.ctx.pp_group)
+            stages = comm.all_gather_object(timeline, group=self.ctx.pp_group)
         else:
             stages = [timeline]
         if self.ctx.is_logging_rank:
