@@ -110,6 +110,10 @@ def init_distributed(cfg: Config, *, seed: Optional[int] = None) -> ParallelCont
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from chunkflow.parallel.cpu_compat import patch_torch_adam_fallback
+
+    patch_torch_adam_fallback()  # a no-op with transformer-engine or apex
+
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor,
