@@ -166,3 +166,19 @@ def test_strict_check_rejects_a_host_tensor_on_nccl(monkeypatch):
         dist.send(torch.ones(2), 1)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
     comm.check_devices("all_reduce", [torch.ones(2)], None)  # mixed: gloo takes it
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
+def test_strict_check_on_a_real_gloo_group(tmp_path, backend):
+    """A real one-rank group: what torch reports as its backend parses, a host tensor
+    passes, and a tensor on another device is stopped before it reaches gloo."""
+    dist.init_process_group(backend, rank=0, world_size=1, init_method=f"file://{tmp_path}/store")
+    try:
+        assert comm.backend_devices(dist.get_backend()) == ("cpu",)
+        assert comm.comm_device(None, prefer=torch.device("meta")) == torch.device("cpu")
+        assert comm.all_reduce(torch.ones(2), op="max").tolist() == [1.0, 1.0]
+        assert comm.reduce_scalars([2.5]) == [2.5]
+        with pytest.raises(comm.DeviceRuleError, match="a meta tensor"):
+            dist.all_reduce(torch.empty(2, device="meta"))
+    finally:
+        dist.destroy_process_group()
