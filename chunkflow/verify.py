@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from chunkflow.config.schema import Config
+from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
 
 __all__ = ["EquivalenceReport", "verify_equivalence", "compare_grads", "gather_reduced_grads",
@@ -140,7 +141,7 @@ def gather_reduced_grads(ddp: Any) -> None:
                                    f"into {size} shards (megatron pads buckets to a multiple)")
             n = data.numel() // size
             mine = data[rank * n:(rank + 1) * n].clone()  # input and output must not alias
-            dist.all_gather_into_tensor(data, mine, group=group.intra_distributed_optimizer_instance_group)
+            comm.all_gather_into(data, mine, group=group.intra_distributed_optimizer_instance_group)
 
 
 def _grads(ddp: Any) -> dict[str, torch.Tensor]:
@@ -156,9 +157,9 @@ def _global_loss(loss_sum: float, num_tokens: int, ctx: ParallelContext) -> floa
     t = torch.tensor([loss_sum], dtype=torch.float64, device=ctx.device)
     if dist.is_initialized():
         # Loss lives on the last stage; sum over data-parallel ranks, then share it.
-        dist.all_reduce(t, group=ctx.dp_group)
+        comm.all_reduce(t, group=ctx.dp_group)
         if ctx.pp_size > 1:
-            dist.broadcast(t, src=dist.get_global_rank(ctx.pp_group, ctx.pp_size - 1), group=ctx.pp_group)
+            comm.broadcast(t, src=dist.get_global_rank(ctx.pp_group, ctx.pp_size - 1), group=ctx.pp_group)
     return float(t[0]) / max(num_tokens, 1)
 
 
@@ -184,9 +185,7 @@ def _load_weights(cfg: Config, ctx: ParallelContext) -> tuple[Any, str]:
 def _all_ranks(ctx: ParallelContext, value: Any) -> list:
     if not dist.is_initialized() or ctx.world_size == 1:
         return [value]
-    out: list = [None] * ctx.world_size
-    dist.all_gather_object(out, value)
-    return out
+    return comm.all_gather_object(value)
 
 
 def verify_equivalence(cfg: Config, ctx: ParallelContext, *, full_state: Optional[dict] = None) -> EquivalenceReport:

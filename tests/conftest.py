@@ -11,6 +11,16 @@ import pytest
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import tests/_workers.py
 
+# Strict device rule for the whole suite (chunkflow/parallel/comm.py): every
+# torch.distributed collective and p2p call checks that its tensors are on a device the
+# group's backend takes. Set in the environment so spawned ranks and torchrun children
+# inherit it (run_distributed and init_distributed install the checks there), and
+# installed in this process for in-process tests.
+os.environ["CHUNKFLOW_STRICT_DEVICES"] = "1"
+from chunkflow.parallel.comm import install_strict_checks  # noqa: E402
+
+install_strict_checks()
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

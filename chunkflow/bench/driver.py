@@ -37,6 +37,7 @@ from chunkflow.bench.config import MIB, chunkflow_points, megatron_candidates, v
 from chunkflow.bench.measure import input_cache_peak_bytes
 from chunkflow.config.schema import Config
 from chunkflow.data.plan import StepPlan, plan_chunkflow_step, plan_megatron_step
+from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.scheduling.memory import SavedTensorMeter
 from chunkflow.train.metrics import PeakMemory
@@ -184,8 +185,7 @@ class _Bench:
         self.collect(side, local)
 
     def collect(self, side: Side, local: dict[int, dict]) -> None:
-        gathered: list = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, local)
+        gathered = comm.all_gather_object(local)
         for i in local:
             side.records[i] = [g[i] for g in gathered]
 

@@ -89,7 +89,7 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     sequence_parallel: bool = False
-    backend: str = "auto"  # BACKENDS: auto (nccl with CUDA, else gloo) | gloo | nccl
+    backend: str = "auto"  # BACKENDS: auto (cpu:gloo,cuda:nccl with CUDA, else gloo) | gloo | nccl
     threads_per_rank: int = 1  # torch intra-op threads per process on CPU
     timeout_s: int = 600  # process-group timeout
 

@@ -58,6 +58,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from chunkflow.model.state import global_name, layer_offset
+from chunkflow.parallel import comm
 
 __all__ = ["LoRASpec", "apply_lora", "lora_parameters", "adapter_state", "save_adapters", "load_adapters",
            "merge_lora", "merge_full_state", "ADAPTER_FILE", "ADAPTER_CONFIG"]
@@ -262,9 +263,7 @@ def _gather_tp(p: torch.nn.Parameter, layer_group: Any) -> torch.Tensor:
     n = dist.get_world_size(layer_group)
     if n == 1:
         return p.detach().clone()
-    parts = [torch.empty_like(p) for _ in range(n)]
-    dist.all_gather(parts, p.detach().contiguous(), group=layer_group)
-    return torch.cat(parts, dim=p.partition_dim)
+    return torch.cat(comm.all_gather(p.detach(), group=layer_group), dim=p.partition_dim)
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -300,8 +299,7 @@ def save_adapters(model: torch.nn.Module, path: str | Path, *, rank: int = 0, wo
     mine = adapter_state(model)
     cfg = _config_of(model)
     if dist.is_initialized() and dist.get_world_size(world_group) > 1:
-        every: Optional[list] = [None] * dist.get_world_size(world_group) if rank == 0 else None
-        dist.gather_object({k: v.cpu() for k, v in mine.items()}, every, dst=0, group=world_group)
+        every = comm.gather_object({k: v.cpu() for k, v in mine.items()}, dst=0, group=world_group)
         mine = {k: v for d in every or [] for k, v in d.items()}
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)

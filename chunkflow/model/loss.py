@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from chunkflow.parallel import comm
+
 __all__ = ["token_losses", "masked_loss", "vocab_parallel_cross_entropy"]
 
 
@@ -31,7 +33,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
     start = rank * local_v
     logits_max = logits.max(dim=-1, keepdim=True).values.detach()
     if world > 1:
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        comm.all_reduce(logits_max, op="max", group=group)
     shifted = logits - logits_max
     in_shard = (labels >= start) & (labels < start + local_v)
     local_idx = (labels - start).clamp(0, local_v - 1)
@@ -46,9 +48,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
+        return comm.all_reduce(x.clone(), group=group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]

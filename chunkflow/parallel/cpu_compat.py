@@ -16,8 +16,9 @@ megatron modules that make such calls their own view of ``torch``:
   :func:`_clip_grads_cpu` does the same scaling without the assertion.
 * A few megatron methods use tensor *methods*, which no module view can reach: the
   fp16/bf16 and distributed optimizers' constructors sort parameters by
-  ``param.type()`` and reject ``torch.FloatTensor``, and tied embeddings with PP>1 call
-  ``weight.data.cuda()``. While just those methods run, :func:`_cuda_tensor_methods`
+  ``param.type()`` and reject ``torch.FloatTensor``, tied embeddings with PP>1 call
+  ``weight.data.cuda()``, and the distributed optimizer's checkpoint gather calls
+  ``send_tensor.cuda()``. While just those methods run, :func:`_cuda_tensor_methods`
   makes ``tensor.type()`` report the CUDA type name and ``tensor.cuda()`` a no-op.
 * On CPU the "CUDA" RNG and the CPU RNG are one generator, so megatron's tracker
   warns "CPU RNG state changed" after every fork that draws numbers; that one log
@@ -29,7 +30,12 @@ megatron modules that make such calls their own view of ``torch``:
 upstream notices about things chunkflow chose deliberately (GPTModel with the local
 spec, synchronous checkpoint saves, no TE/apex/absl), so real warnings stay visible.
 
-:func:`apply_cpu_compat` installs all of it and is a no-op when CUDA is available.
+:func:`patch_torch_adam_fallback` is separate too: it fixes a distributed-optimizer
+checkpoint load that breaks whenever megatron uses torch's Adam (no TE, no apex), on
+any device; :func:`chunkflow.parallel.distributed.init_distributed` applies it.
+
+:func:`apply_cpu_compat` installs all of the CPU patches and is a no-op when CUDA is
+available.
 It must run before megatron modules are used (importing them is fine: the patch
 replaces the module-level ``torch`` name they look up at call time).
 """
@@ -49,7 +55,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "apply_cpu_compat", "cpu_compat_active", "prepare_megatron_import", "quiet_megatron_notices",
+    "apply_cpu_compat", "cpu_compat_active", "patch_torch_adam_fallback", "prepare_megatron_import", "quiet_megatron_notices",
     "PATCHED_MODULES",
 ]
 
@@ -268,6 +274,9 @@ def _with_cuda_tensor_methods(fn: Any) -> Any:
 _TENSOR_METHOD_USERS = (
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+    # Saving its state in the fully_reshardable form gathers through get_parameter_state_dp_zero,
+    # which moves each CPU shard with send_tensor.cuda().
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "get_parameter_state_dp_zero"),
     ("megatron.core.models.common.language_module.language_module", "LanguageModule",
      "setup_embeddings_and_output_layer"),
 )
@@ -350,6 +359,42 @@ def prepare_megatron_import() -> None:
     issued while megatron's modules are imported)."""
     _stub_paged_stash()
     quiet_megatron_notices()
+
+
+def _keep_adam_step(fn: Any) -> Any:
+    """Wrap ``DistributedOptimizer._set_main_param_and_optimizer_states`` so the loaded
+    tensors need not carry torch Adam's ``'step'`` (see :func:`patch_torch_adam_fallback`)."""
+    if getattr(fn, "_chunkflow_wrapped", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(self: Any, model_param: Any, tensors: dict) -> Any:
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group, order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+            if "step" in state:  # loaded already, from the param groups: keep it
+                tensors = {**tensors, "step": state["step"]}
+        return fn(self, model_param, tensors)
+
+    wrapped._chunkflow_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def patch_torch_adam_fallback() -> bool:
+    """Fix loading a distributed-optimizer checkpoint when megatron falls back to torch's
+    Adam (no transformer-engine, no apex: every CPU run, and GPU runs without them).
+
+    Loading the ``fully_reshardable`` form restores ``'step'`` from the param groups,
+    then copies every per-parameter state tensor from the checkpoint, which (by design)
+    has none for ``'step'``: ``KeyError: 'step'`` in 0.16 and 0.19. The wrapper hands the
+    already-restored step back to the copy. Does nothing with TE/apex. Idempotent.
+    """
+    module = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    if getattr(module, "HAVE_APEX_OR_TE", True):
+        return False
+    cls = module.DistributedOptimizer
+    cls._set_main_param_and_optimizer_states = _keep_adam_step(cls.__dict__["_set_main_param_and_optimizer_states"])
+    return True
 
 
 def cpu_compat_active() -> bool:

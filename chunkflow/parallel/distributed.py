@@ -4,6 +4,12 @@
 the layout against the world size first (so an impossible layout fails before any
 group exists), initialises torch.distributed and megatron's ``parallel_state``, and
 returns a :class:`ParallelContext` that is passed down to everything else.
+
+Backends: ``parallel.backend=auto`` is ``"cpu:gloo,cuda:nccl"`` with CUDA (each
+collective is routed by its tensors' device, so a host tensor goes through gloo rather
+than raising in NCCL; megatron's sub-groups inherit the string, see
+:mod:`chunkflow.parallel.comm`) and ``"gloo"`` without. megatron's sub-groups get the
+run's ``parallel.timeout_s`` too (its own default is 30 minutes).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch.distributed as dist
 
 from chunkflow.config.schema import Config
 from chunkflow.config.validate import validate_layout
+from chunkflow.parallel.comm import install_strict_checks, strict_requested
 
 __all__ = ["ParallelContext", "env_world", "init_distributed", "destroy_distributed"]
 
@@ -63,10 +70,13 @@ def env_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+MIXED_BACKEND = "cpu:gloo,cuda:nccl"
+
+
 def _pick_backend(requested: str) -> str:
     if requested != "auto":
         return requested
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return MIXED_BACKEND if torch.cuda.is_available() else "gloo"
 
 
 def init_distributed(cfg: Config, *, seed: Optional[int] = None) -> ParallelContext:
@@ -94,14 +104,21 @@ def init_distributed(cfg: Config, *, seed: Optional[int] = None) -> ParallelCont
             backend=backend, rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
         )
+    if strict_requested():
+        install_strict_checks()
 
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from chunkflow.parallel.cpu_compat import patch_torch_adam_fallback
+
+    patch_torch_adam_fallback()  # a no-op with transformer-engine or apex
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor,
         pipeline_model_parallel_size=cfg.parallel.pipeline,
+        distributed_timeout_minutes=cfg.parallel.timeout_s / 60,  # a timedelta's minutes
     )
     base_seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(base_seed)

@@ -46,6 +46,10 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: Sequence[Any], 
         import torch
 
         torch.set_num_threads(1)
+        from chunkflow.parallel.comm import install_strict_checks, strict_requested
+
+        if strict_requested():  # CHUNKFLOW_STRICT_DEVICES, inherited from the parent
+            install_strict_checks()
         result = fn(rank, world, *args)
         # Serialise with torch.save: tensors sent through a Queue as-is travel as
         # shared-memory handles that die with this process.

@@ -216,9 +216,9 @@ def gather_rank_stats(ctx: Any, values: dict[str, float]) -> list[dict[str, floa
     Byte counts are exact in float64 (below 2^53). Returns one dict per rank."""
     row = torch.tensor([float(values[k]) for k in RANK_STATS], dtype=torch.float64, device=ctx.device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, row)
-        table = torch.stack(rows)
+        from chunkflow.parallel import comm
+
+        table = torch.stack(comm.all_gather(row))
     else:
         table = row.unsqueeze(0)
     return [dict(zip(RANK_STATS, r)) for r in table.tolist()]

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from chunkflow.config.loader import config_to_dict, dump_config
 from chunkflow.config.schema import Config
+from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.train.checkpoint import load_checkpoint, save_checkpoint
 from chunkflow.train.metrics import (MetricsWriter, PeakMemory, device_clock, gather_rank_stats,
@@ -136,10 +137,9 @@ class Trainer:
 
     def _global_loss(self, loss_sum: float, num_loss_tokens: int) -> float:
         """Mean per-token loss over the global batch, on the logging rank."""
-        t = torch.tensor([loss_sum], dtype=torch.float64)
         if dist.is_initialized() and self.ctx.dp_size > 1:
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        return float(t[0]) / max(num_loss_tokens, 1)
+            (loss_sum,) = comm.reduce_scalars([loss_sum], group=self.ctx.dp_group)
+        return float(loss_sum) / max(num_loss_tokens, 1)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -192,9 +192,8 @@ class Trainer:
         timeline = getattr(self.schedule, "last_timeline", None)
         if timeline is None or self.ctx.dp_rank != 0 or self.ctx.tp_rank != 0:
             return
-        stages: list = [None] * self.ctx.pp_size
         if dist.is_initialized() and self.ctx.pp_size > 1:
-            dist.all_gather_object(stages, timeline, group=self.ctx.pp_group)
+            stages = comm.all_gather_object(timeline, group=self.ctx.pp_group)
         else:
             stages = [timeline]
         if self.ctx.is_logging_rank:
