@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from chunkflow.parallel.distributed import destroy_distributed, init_distributed
-    from chunkflow.train.trainer import Trainer
+    from chunkflow.train.trainer import NonFiniteError, Trainer
 
     try:
         ctx = init_distributed(cfg)
@@ -37,20 +37,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg, ctx)
-        summary = trainer.train()
-        if ctx.is_logging_rank:
-            print(
-                f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, loss "
-                f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
-                f"{summary['tokens_per_s']:.0f} tokens/s, peak memory "
-                f"{summary['peak_mem_bytes'] / 2**20:.0f} MiB/rank\n"
-                f"outputs: {summary['output_dir']}/ (config.yaml, metrics.jsonl"
-                f"{', checkpoint/' if summary['checkpoint'] else ''})"
-            )
+        summary = Trainer(cfg, ctx).train()
+    except NonFiniteError as e:  # every rank agrees on it; one says it
+        if ctx.rank == 0:
+            print(f"stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()
+    if ctx.is_logging_rank:
+        print(_done_line(summary))
     return 0
+
+
+def _done_line(s: dict) -> str:
+    if s["finished_before"]:
+        return f"done: already at step {s['steps']}; nothing trained. outputs: {s['output_dir']}/"
+    head = "pre-empted" if s["preempted"] else "done"
+    return (f"{head}: {s['steps']} steps in {s['elapsed_s']:.1f}s, loss {s['first_loss']:.4f} -> "
+            f"{s['final_loss']:.4f}, {s['tokens_per_s']:.0f} tokens/s, peak memory "
+            f"{s['peak_mem_bytes'] / 2**20:.0f} MiB/rank\n"
+            f"outputs: {s['output_dir']}/ (config.yaml, metrics.jsonl"
+            f"{', ' + s['checkpoint'] if s['checkpoint'] else ''})")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ __all__ = [
     "BACKENDS",
     "TINY_DEFAULT_FIELDS",
     "TINY_DEFAULT_MAX_HIDDEN",
+    "NONFINITE",
+    "SIGNALS",
 ]
 
 SCHEDULES = ("megatron", "chunkflow")
@@ -45,6 +47,8 @@ RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 OVERLONG = ("error", "truncate", "drop")
 BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend
+NONFINITE = ("abort", "skip")  # train.nonfinite
+SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")  # train.preempt_signals
 # A large model (hidden_size >= TINY_DEFAULT_MAX_HIDDEN, 8x the tiny default) whose config
 # never set one of these fields (YAML, override or model.hf_dir) still has the tiny CPU
 # value, e.g. hidden_size 3584 with vocab_size 512: an error lists them and suggests
@@ -142,7 +146,17 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     save_at_end: bool = True
-    load: str = ""  # checkpoint directory to start from (model, optimizer, data state)
+    # Checkpoint directory to start from (model, optimizer, data and RNG state); "auto" =
+    # the newest checkpoint under output_dir, or a fresh start when there is none (what a
+    # requeued SLURM job wants).
+    load: str = ""
+    # Signals that ask for a checkpoint at the next step boundary and a clean exit (0);
+    # a second signal exits at once. Empty = leave signals alone. See train/preemption.py.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    # A NaN/inf loss or gradient: "abort" (stop before anything non-finite is saved) or
+    # "skip" (drop that update, count it; abort after max_skipped skips in a row).
+    nonfinite: str = "abort"
+    max_skipped: int = 10
     distributed_optimizer: bool = False
     # fp16 only: the dynamic loss scale's starting value (halved on overflow, the step
     # then skipped). megatron's own default, 2**32, skips ~30 steps before the first

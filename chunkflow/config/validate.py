@@ -13,8 +13,8 @@ import math
 from typing import Any, Callable, Collection, Iterator, Optional
 
 from chunkflow.config.loader import ConfigError
-from chunkflow.config.schema import (BACKENDS, DTYPES, LORA_TARGETS, MODES, OVERLONG, RECOMPUTE,
-                                     SCHEDULES, SPACO_SAMPLERS, TINY_DEFAULT_FIELDS,
+from chunkflow.config.schema import (BACKENDS, DTYPES, LORA_TARGETS, MODES, NONFINITE, OVERLONG,
+                                     RECOMPUTE, SCHEDULES, SIGNALS, SPACO_SAMPLERS, TINY_DEFAULT_FIELDS,
                                      TINY_DEFAULT_MAX_HIDDEN, Config, ModelConfig)
 
 __all__ = ["validate_config", "validate_layout", "divisors", "CHOICES", "NUMBER_RULES", "CROSS_CHECKED"]
@@ -30,6 +30,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "chunkflow.spaco.sampler": SPACO_SAMPLERS,
     "lora.targets": LORA_TARGETS,
     "bench.megatron_recompute": ("auto",) + RECOMPUTE,
+    "train.nonfinite": NONFINITE,
+    "train.preempt_signals": SIGNALS,
 }
 
 Rule = tuple[Callable[[float], bool], str]  # (accepts the value, the fix in words)
@@ -78,6 +80,7 @@ NUMBER_RULES: dict[str, Rule] = {
     "train.save_every": INT_GE0,
     "train.initial_loss_scale": POSITIVE,
     "train.peak_tflops": NON_NEGATIVE,
+    "train.max_skipped": INT_GE1,
     "chunkflow.k": INT_GE1,
     "lora.rank": INT_GE1,
     "lora.alpha": POSITIVE,

@@ -45,7 +45,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from chunkflow.parallel import comm
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_state", "rng_state", "set_rng_state",
+__all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_state", "latest_checkpoint", "rng_state", "set_rng_state",
            "OPTIMIZER_METADATA"]
 
 logger = logging.getLogger(__name__)
@@ -193,3 +193,24 @@ def load_checkpoint(path: str | Path, *, model: Any, optimizer: Optional[Any]) -
     if not state.get("model_only"):
         state = {**state, "rng_restored": _restore_rng(path)}
     return state
+
+
+def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint under ``output_dir`` with the highest step (``train.load: auto``),
+    or None when there is none. Directories without a readable ``trainer.json`` (a save
+    that did not finish) are passed over."""
+    best: Optional[tuple[int, float, Path]] = None
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    for d in root.iterdir():
+        if not (d.is_dir() and d.name.startswith("checkpoint")):
+            continue
+        try:
+            step = int(read_trainer_state(d)["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        key = (step, (d / "trainer.json").stat().st_mtime, d)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None

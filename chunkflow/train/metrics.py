@@ -261,13 +261,24 @@ def throughput_metrics(
 class MetricsWriter:
     """Appends one JSON object per step to ``<dir>/metrics.jsonl`` (on the logging rank)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, *, append: bool = False):
+    def __init__(self, output_dir: str | Path, enabled: bool, *, resume_step: Optional[int] = None):
+        """A fresh file, or (``resume_step``) the existing one without the records of steps
+        after it, which the resumed run writes again: no step appears twice."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not append:
-                self.path.write_text("")
+            kept = []
+            if resume_step is not None and self.path.is_file():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line)
+                    except ValueError:  # a torn last line of a killed run
+                        continue
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -5,9 +5,9 @@ Clusters warn before they take a job's nodes: SLURM sends ``SIGUSR1`` (``--signa
 installs :class:`PreemptionGuard` for the signals in ``train.preempt_signals``:
 
 * the first signal only sets a flag; the step in progress finishes;
-* at the step boundary every rank learns whether *any* rank was signalled (one MAX
-  all-reduce of a one-element tensor on the run's device), so all ranks stop at the same
-  step, save one checkpoint together and exit 0 with a message;
+* before each optimizer step every rank learns whether *any* rank was signalled (the
+  trainer's one MAX all-reduce of per-step flags, ``Trainer._step_flags``), so all ranks
+  finish the same step, save one checkpoint together and exit 0 with a message;
 * a second signal of the same process ends it at once (exit code 128 + signal number),
   for the operator who really means it.
 
@@ -22,9 +22,6 @@ import os
 import signal
 import sys
 from typing import Any, Optional, Sequence
-
-import torch
-
 __all__ = ["PreemptionGuard"]
 
 
@@ -51,17 +48,6 @@ class PreemptionGuard:
         sys.stderr.write(f"{name} received: saving a checkpoint at the end of this step, then exiting "
                          f"(send it again to exit at once)\n")
         sys.stderr.flush()
-
-    def should_stop(self, device: torch.device, group: Any = None) -> bool:
-        """True on every rank if any rank was signalled (a collective: call it on all ranks)."""
-        import torch.distributed as dist
-
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            from chunkflow.parallel.comm import all_reduce
-
-            flag = all_reduce(flag, op="max", group=group)
-        return bool(flag.item())  # once per step, at the boundary
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

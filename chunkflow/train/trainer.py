@@ -15,6 +15,7 @@ chunks). Nothing else in the loop depends on which one is used.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,13 +27,18 @@ from chunkflow.config.loader import config_to_dict, dump_config
 from chunkflow.config.schema import Config
 from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
-from chunkflow.train.checkpoint import load_checkpoint, save_checkpoint
+from chunkflow.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from chunkflow.train.build import build_model_and_ddp, build_schedule
 from chunkflow.train.metrics import (MetricsWriter, PeakMemory, device_clock, gather_rank_stats,
                                      resolve_peak_tflops, step_flops, throughput_metrics)
-from chunkflow.train.build import build_model_and_ddp, build_schedule
 from chunkflow.train.optim import build_optimizer, build_scheduler
+from chunkflow.train.preemption import PreemptionGuard
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "NonFiniteError"]
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient stopped the run (train.nonfinite); says which step."""
 
 
 class Trainer:
@@ -41,8 +47,6 @@ class Trainer:
         # One rank speaks: the one that also writes metrics (last stage, first TP/DP rank).
         self.log = log if ctx.is_logging_rank else (lambda *a, **k: None)
         self.out_dir = Path(cfg.train.output_dir)
-        if ctx.rank == 0:
-            dump_config(cfg, self.out_dir / "config.yaml")
 
         from chunkflow.data.dataset import load_samples
         from chunkflow.data.loader import StepPlanLoader
@@ -57,18 +61,37 @@ class Trainer:
         self.schedule = build_schedule(cfg, self.model, ctx)
 
         self.step = 0
-        if cfg.train.load:
-            state = load_checkpoint(cfg.train.load, model=self.model, optimizer=self.optimizer)
+        self.loaded_from = self._resolve_load()
+        if self.loaded_from:
+            state = load_checkpoint(self.loaded_from, model=self.model, optimizer=self.optimizer)
             self.step = int(state["step"])
             if not state.get("model_only"):  # e.g. an imported HF model: weights only
                 self.scheduler.load_state_dict(state["scheduler"])
                 self.loader.load_state_dict(state["loader"])
-            self.log(f"resumed from {cfg.train.load} at step {self.step}")
-        self.metrics = MetricsWriter(self.out_dir, ctx.is_logging_rank, append=bool(cfg.train.load))
+            self.log(f"resumed from {self.loaded_from} at step {self.step}")
+        # Steps after the checkpoint's are dropped from metrics.jsonl: they run again.
+        self.metrics = MetricsWriter(self.out_dir, ctx.is_logging_rank,
+                                     resume_step=self.step if self.loaded_from else None)
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        self.guard: Optional[PreemptionGuard] = None  # installed by train()
+        self.stop_requested = False
+        if ctx.rank == 0:  # only once the run has started: a failing start keeps the old one
+            dump_config(cfg, self.out_dir / "config.yaml")
         self.memory = PeakMemory(ctx.device)
         self.peak_tflops, peak_source = resolve_peak_tflops(cfg.train.peak_tflops, ctx.device)
         self.log(f"MFU against {self.peak_tflops} TFLOP/s per GPU ({peak_source})" if self.peak_tflops
                  else f"mfu is null: {peak_source}")
+
+    def _resolve_load(self) -> str:
+        """``train.load`` as a directory: ``auto`` = the newest checkpoint under the output
+        directory (none: a fresh start)."""
+        load = self.cfg.train.load
+        if load != "auto":
+            return load
+        found = latest_checkpoint(self.out_dir)
+        self.log(f"train.load=auto: {'resuming from ' + str(found) if found else 'no checkpoint under ' + str(self.out_dir) + ', starting fresh'}")
+        return str(found) if found else ""
 
     def _prepare_model(self, model: torch.nn.Module) -> None:
         """HF weights and LoRA adapters, before DDP sizes its gradient buffers."""
@@ -104,8 +127,13 @@ class Trainer:
         if hasattr(self.schedule, "step"):  # SpaCO keys its chunk draws by step
             self.schedule.step = self.step
         result = self.schedule.run(rows)
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:  # an fp16 step skipped on overflow does not advance the LR schedule (as megatron)
+        nonfinite, self.stop_requested = self._step_flags(result.loss_sum)
+        if nonfinite:
+            ok, grad_norm = self._nonfinite_step()
+        else:
+            self.skipped_in_a_row = 0
+            ok, grad_norm, _ = self.optimizer.step()
+        if ok:  # a skipped step (fp16 overflow, non-finite) does not advance the LR schedule
             self.scheduler.step(increment=1)
         step_time = device_clock(ctx.device) - t0  # one synchronise: compute, not launches
         self.step += 1
@@ -130,10 +158,49 @@ class Trainer:
             "dp_imbalance": float(plan.imbalance),
             "schedule": cfg.train.schedule,
             "update_ok": bool(ok),
+            "nonfinite": bool(nonfinite),
+            "skipped_steps": self.skipped_total,
         }
         record.update(getattr(result, "extra", {}) or {})
         self.metrics.write(record)
         return record
+
+    def _step_flags(self, loss_sum: float) -> tuple[bool, bool]:
+        """(any rank saw a non-finite loss or gradient, any rank was asked to stop), agreed
+        by every rank with one MAX all-reduce before the optimizer step (train.nonfinite,
+        train/preemption.py). fp16 gradients are left to the loss scaler, which skips
+        overflowing steps itself."""
+        bad = torch.zeros((), dtype=torch.int32, device=self.ctx.device)
+        if not math.isfinite(loss_sum):
+            bad += 1
+        if self.cfg.model.dtype != "fp16":
+            for buffer in getattr(self.model, "buffers", []):
+                bad += (~torch.isfinite(buffer.grad_data)).any().to(torch.int32)
+        stop = 1 if self.guard is not None and self.guard.requested else 0
+        flags = torch.stack([bad.clamp(max=1), torch.tensor(stop, dtype=torch.int32, device=self.ctx.device)])
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            flags = comm.all_reduce(flags, op="max")
+        bad_any, stop_any = flags.tolist()  # one read back per step
+        return bool(bad_any), bool(stop_any)
+
+    def _nonfinite_step(self) -> tuple[bool, None]:
+        """train.nonfinite: abort before anything non-finite is saved, or drop this update."""
+        step = self.step + 1
+        if self.cfg.train.nonfinite == "abort":
+            raise NonFiniteError(
+                f"step {step}: the loss or a gradient is NaN/inf; stopped before the update "
+                f"(nothing non-finite was saved). Lower train.lr, check the data, or set "
+                f"train.nonfinite=skip to drop such updates")
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped:
+            raise NonFiniteError(
+                f"step {step}: {self.skipped_in_a_row} updates in a row had a NaN/inf loss or "
+                f"gradient (train.max_skipped={self.cfg.train.max_skipped}); stopping")
+        self.log(f"step {step}: non-finite loss or gradient, update skipped "
+                 f"({self.skipped_in_a_row} in a row)")
+        self.optimizer.zero_grad()
+        return False, None
 
     def _global_loss(self, loss_sum: float, num_loss_tokens: int) -> float:
         """Mean per-token loss over the global batch, on the logging rank."""
@@ -145,6 +212,19 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         self.log(f"data: {self.data_desc}")
+        if self.step >= cfg.train.steps:
+            self.log(f"nothing to train: {self.loaded_from} is at step {self.step} and "
+                     f"train.steps={cfg.train.steps} (raise train.steps to go on)")
+            return self._summary(None, {}, 0, 0.0, 0, None, finished_before=True)
+        self.guard = PreemptionGuard(cfg.train.preempt_signals) if cfg.train.preempt_signals else None
+        try:
+            return self._loop()
+        finally:
+            if self.guard is not None:
+                self.guard.restore()
+
+    def _loop(self) -> dict:
+        cfg = self.cfg
         t_start = time.perf_counter()
         first: Optional[dict] = None
         last: dict = {}
@@ -166,8 +246,17 @@ class Trainer:
                     + f"peak mem {rec['peak_mem_allocated_bytes'] / 2**30:.2f} GiB  "
                     f"bubble {rec['bubble_fraction']:.2f}"
                 )
+            saved = None
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
-                self.save(self.out_dir / f"checkpoint_step{self.step}")
+                saved = self.out_dir / f"checkpoint_step{self.step}"
+                self.save(saved)
+            if self.stop_requested and self.step < cfg.train.steps:
+                if saved is None:
+                    saved = self.out_dir / f"checkpoint_step{self.step}"
+                    self.save(saved)
+                self.log(f"pre-empted at step {self.step}: saved {saved}")
+                return self._summary(first, last, tokens, time.perf_counter() - t_start, peak_mem, saved,
+                                     preempted=True)
         elapsed = time.perf_counter() - t_start
         if cfg.train.save_timeline:
             self._save_timeline()
@@ -175,8 +264,14 @@ class Trainer:
         if cfg.train.save_at_end:
             ckpt = self.out_dir / "checkpoint"
             self.save(ckpt)
+        return self._summary(first, last, tokens, elapsed, peak_mem, ckpt)
+
+    def _summary(self, first: Optional[dict], last: dict, tokens: int, elapsed: float, peak_mem: int,
+                 ckpt: Optional[Path], *, preempted: bool = False, finished_before: bool = False) -> dict:
         return {
             "steps": self.step,
+            "preempted": preempted,
+            "finished_before": finished_before,
             "first_loss": first["loss"] if first else None,
             "final_loss": last.get("loss"),
             "tokens": tokens,
