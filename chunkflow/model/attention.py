@@ -67,8 +67,8 @@ from torch.nn.attention.bias import causal_lower_right
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 __all__ = [
-    "SDPAAttention", "ATTENTION_HOOK", "causal_attention", "attention_backend",
-    "flash_attn_available",
+    "SDPAAttention", "ATTENTION_HOOK", "causal_attention", "packed_attention",
+    "attention_backend", "host_cu_seqlens", "flash_attn_available",
 ]
 
 logger = logging.getLogger(__name__)
@@ -267,30 +267,38 @@ class SDPAAttention(DotProductAttention):
     def _packed(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, psp: Any, scale: float
     ) -> torch.Tensor:
-        # (t, heads, dim) / (t, groups, dim)
-        t, heads, dim = query.shape
-        if flash_attn_available(query):  # pragma: no cover - needs CUDA + flash-attn
-            _announce(query)
-            cu = psp.cu_seqlens_q
-            out = _flash_varlen(
-                query, key, value, cu, cu, psp.max_seqlen_q, psp.max_seqlen_q,
-                softmax_scale=scale, causal=True,
-            )
-            return out.reshape(t, heads * dim)
-        bounds = host_cu_seqlens(psp)
-        # Padding (row_to_tensors appends it as the last segment) attends to nothing.
-        real_end = t - int(getattr(psp, "num_padding", 0))
-        outs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end <= start:
-                continue
-            if start >= real_end:
-                break
+        return packed_attention(query, key, value, psp, scale)
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, psp: Any,
+                     scale: float) -> torch.Tensor:
+    """Causal attention within each segment of a packed row; returns ``(t, heads * dim)``.
+
+    ``query (t, heads, dim)``, ``key/value (t, groups, dim)``, ``psp`` a megatron
+    ``PackedSeqParams`` (``cu_seqlens_q``; ``host_cu_seqlens`` and ``num_padding`` from
+    ``row_to_tensors``). Outputs of padding tokens are zeros off flash-attn.
+    """
+    t, heads, dim = query.shape
+    if flash_attn_available(query):  # pragma: no cover - needs CUDA + flash-attn
+        _announce(query)
+        cu = psp.cu_seqlens_q
+        out = _flash_varlen(
+            query, key, value, cu, cu, psp.max_seqlen_q, psp.max_seqlen_q,
+            softmax_scale=scale, causal=True,
+        )
+        return out.reshape(t, heads * dim)
+    bounds = host_cu_seqlens(psp)
+    real_end = t - int(getattr(psp, "num_padding", 0))  # padding: the last segment
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if start >= real_end:
+            break
+        if end > start:
             q = query[start:end].transpose(0, 1)
             k = key[start:end].transpose(0, 1)
             v = value[start:end].transpose(0, 1)
             outs.append(causal_attention(q, k, v, scale).transpose(0, 1))
-        done = sum(o.shape[0] for o in outs)
-        if done < t:  # padding tail: zeros
-            outs.append(query.new_zeros(t - done, heads, dim))
-        return torch.cat(outs, dim=0).reshape(t, heads * dim)
+    done = sum(o.shape[0] for o in outs)
+    if done < t:  # padding tail attends to nothing
+        outs.append(query.new_zeros(t - done, heads, dim))
+    return torch.cat(outs, dim=0).reshape(t, heads * dim)
