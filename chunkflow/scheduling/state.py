@@ -172,8 +172,10 @@ class ChunkContext:
         else:
             k_own, v_own = k, v
         scale = module._scale(dim)
-        # The prefix K/V kept for backward (the stored leaves on CPU, their concatenation
-        # on GPU) are K/V state for memory accounting; everything else is chunk-sized.
+        # For memory accounting, the K/V the chunk attends to are K/V state: its own K/V
+        # (the same storage as its stored leaves) and the prefix kept for backward (the
+        # stored leaves on CPU, their concatenation on GPU). The rest is chunk-sized.
+        tag_kv(k, v)
         out = causal_attention(q, k_own, v_own, scale, prefix=[(e.k, e.v) for e in prefix],
                                on_prefix=tag_kv)  # (h, s, d)
         return out.transpose(0, 1).reshape(sq, 1, heads * dim)
