@@ -9,15 +9,45 @@ accepts both layouts megatron hands to core attention:
   to itself, causally. RoPE was already applied per sample by megatron (positions
   restart at 0 at every ``cu_seqlens`` boundary)::
 
-      tokens      a0 a1 a2 b0 b1
-      cu_seqlens  [0, 3, 5]
-      a1 sees a0 a1;  b0 sees b0 only (never a*)
+      tokens      a0 a1 a2 b0 b1 | p0 p1      (p = padding segment, chunkflow.model.batch)
+      cu_seqlens  [0, 3, 5, 7]
+      a1 sees a0 a1;  b0 sees b0 only (never a*);  p* outputs are zeros (no kernel call)
 
-Query head ``h`` reads key/value group ``h // (heads / groups)`` (GQA).
+Query head ``h`` reads key/value group ``h // (heads / groups)`` (GQA); no path
+repeats K/V per query head.
 
-The CPU path (and the reference path everywhere) is
-``torch.nn.functional.scaled_dot_product_attention`` per sample. With CUDA and
-flash-attn installed, packed input goes to ``flash_attn_varlen_func`` instead.
+A dependent chunk (chunk j of a long sample, ``chunkflow.scheduling.state``) attends to
+the stored K/V of chunks 0..j-1 (the prefix, P tokens) and to its own C tokens, with the
+causal mask aligned bottom-right::
+
+    keys:         prefix (P)          own chunk (C)
+    query i  [ 1 1 1 ... 1 1 1 | 1 .. 1 (keys <= i) 0 .. 0 ]
+
+That mask never needs to exist. The attention splits into (a) the chunk attending to the
+prefix with no mask and (b) the chunk attending to itself with an ordinary causal mask
+(square, so top-left and bottom-right agree). Each part's kernel returns its output
+``o_p`` and the log-sum-exp ``l_p`` of its scores; the exact result is::
+
+    l = logaddexp(l_a, l_b)        o = exp(l_a - l) * o_a + exp(l_b - l) * o_b
+
+Backward uses the merged ``o`` and ``l`` for every part: with them the flash backward of
+part p computes ``P_p = exp(S_p - l)`` (its slice of the full softmax) and
+``D = rowsum(dO * o)`` (the full softmax's term), so the part's dQ, dK, dV are exactly
+its share of the full gradient. Only q, the K/V inputs, ``o`` and ``l`` are kept for
+backward; no score matrix, no mask, no K/V copies. The prefix is passed as the list of
+per-chunk blocks the state store holds, each merged in turn, so it is not concatenated
+either (a concatenation would be a second copy of the prefix per layer and live chunk).
+
+Backends (:func:`attention_backend`, decided per device and dtype, logged once):
+
+* CPU: torch's flash kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (native
+  GQA, returns the log-sum-exp) and its backward op, merged as above (:class:`_MergedCPU`).
+* CUDA + flash-attn 2 (fp16/bf16): ``flash_attn_func(causal=True)`` on the concatenated
+  prefix (bottom-right aligned when ``sq < sk`` since flash-attn 2.1, native GQA);
+  packed rows via ``flash_attn_varlen_func`` (a padding segment is one more segment).
+* CUDA without flash-attn, or fp32, and other devices: ``scaled_dot_product_attention``
+  with ``causal_lower_right(sq, sk)`` and ``enable_gqa=True``. This warns: for fp32 with
+  GQA torch has no kernel for the lower-right mask and materialises it.
 
 A per-call hook (:data:`ATTENTION_HOOK`) lets the ChunkFlow executor take over the
 attention of a layer (dependent chunks attend to a stored K/V prefix); with no hook
@@ -27,13 +57,21 @@ set this module is plain attention and the same model runs unchunked.
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Callable, Optional
+import logging
+import warnings
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-__all__ = ["SDPAAttention", "ATTENTION_HOOK", "causal_attention", "flash_attn_available"]
+__all__ = [
+    "SDPAAttention", "ATTENTION_HOOK", "causal_attention", "packed_attention",
+    "attention_backend", "host_cu_seqlens", "flash_attn_available",
+]
+
+logger = logging.getLogger(__name__)
 
 # Called as hook(module, query, key, value, packed_seq_params) -> output or None.
 ATTENTION_HOOK: contextvars.ContextVar[Optional[Callable[..., Any]]] = contextvars.ContextVar(
@@ -41,56 +79,154 @@ ATTENTION_HOOK: contextvars.ContextVar[Optional[Callable[..., Any]]] = contextva
 )
 
 try:  # GPU-only kernels, optional
+    import flash_attn as _flash_attn_pkg  # type: ignore
     from flash_attn import flash_attn_func as _flash  # type: ignore
     from flash_attn import flash_attn_varlen_func as _flash_varlen  # type: ignore
 except Exception:  # pragma: no cover - not installed on CPU machines
-    _flash = _flash_varlen = None
+    _flash_attn_pkg = _flash = _flash_varlen = None
+
+_HALF = (torch.float16, torch.bfloat16)
+_CPU_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def attention_backend(device: torch.device | str, dtype: torch.dtype, *,
+                      flash_attn: Optional[bool] = None) -> str:
+    """Name of the attention path used for ``device`` and ``dtype``.
+
+    ``flash_attn``: whether flash-attn is importable (default: detect). On CUDA without a
+    usable flash-attn (not installed, or fp32) this emits a ``UserWarning``: the SDPA
+    path works but is slower, and for fp32 + GQA torch materialises the bottom-right
+    mask of a dependent chunk.
+    """
+    device = torch.device(device)
+    if flash_attn is None:
+        flash_attn = _flash_varlen is not None
+    if device.type == "cpu":
+        return "torch SDPA flash (CPU) with LSE merge"
+    if device.type == "cuda" and flash_attn and dtype in _HALF:
+        version = getattr(_flash_attn_pkg, "__version__", "2.x")
+        return f"flash-attn {version} varlen + bottom-right causal"
+    name = f"torch SDPA ({device.type}) causal_lower_right + enable_gqa"
+    if device.type == "cuda":
+        why = "flash-attn is not installed" if not flash_attn else f"flash-attn does not run {dtype}"
+        warnings.warn(
+            f"attention on CUDA without flash-attn ({why}): using {name}; with fp32 and GQA "
+            f"torch materialises each dependent chunk's (C x prefix) mask. Install flash-attn "
+            f"and train in bf16 for the intended kernels.",
+            stacklevel=2,
+        )
+    return name
+
+
+_ANNOUNCED: set = set()
+
+
+def _announce(t: torch.Tensor) -> None:
+    """Log the backend the first time a (device type, dtype) runs attention."""
+    key = (t.device.type, t.dtype)
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        logger.info("attention backend: %s", attention_backend(t.device, t.dtype))
 
 
 def flash_attn_available(t: torch.Tensor) -> bool:
     """flash-attn is importable, the tensor is on a GPU and in a dtype it supports."""
-    return _flash_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+    return _flash_varlen is not None and t.is_cuda and t.dtype in _HALF
+
+
+class _MergedCPU(torch.autograd.Function):
+    """CPU flash attention of a chunk over its own K/V (causal) and prefix blocks (full).
+
+    Inputs ``q (1, heads, C, d)``, ``k_own/v_own (1, groups, C, d)``, then
+    ``k_0, v_0, k_1, v_1, ...`` with ``k_i (1, groups, P_i, d)``. See the module
+    docstring for the log-sum-exp merge and why backward is exact.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, scale: float, q: torch.Tensor, k_own: torch.Tensor,  # type: ignore[override]
+                v_own: torch.Tensor, *prefix: torch.Tensor) -> torch.Tensor:
+        out, lse = _CPU_FWD(q, k_own, v_own, 0.0, True, scale=scale)
+        if prefix:
+            acc = out.to(lse.dtype)  # merge in fp32 (fp64 for fp64 inputs)
+            for k, v in zip(prefix[0::2], prefix[1::2]):
+                o_i, l_i = _CPU_FWD(q, k, v, 0.0, False, scale=scale)
+                new = torch.logaddexp(lse, l_i)
+                acc = acc * (lse - new).exp_()[..., None] + o_i.to(acc.dtype) * (l_i - new).exp_()[..., None]
+                lse = new
+            out = acc.to(q.dtype)
+        ctx.scale = scale
+        ctx.save_for_backward(q, out, lse, k_own, v_own, *prefix)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple:  # type: ignore[override]
+        q, out, lse, k_own, v_own, *prefix = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = _CPU_BWD(dout, q, k_own, v_own, out, lse, 0.0, True, scale=ctx.scale)
+        grads: list = []
+        if prefix:
+            dq = dq.to(lse.dtype)
+            for k, v in zip(prefix[0::2], prefix[1::2]):
+                dq_i, dk_i, dv_i = _CPU_BWD(dout, q, k, v, out, lse, 0.0, False, scale=ctx.scale)
+                dq += dq_i
+                grads += [dk_i, dv_i]
+            dq = dq.to(q.dtype)
+        return (None, dq, dk, dv, *grads)
 
 
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-    on_inputs: Optional[Callable[..., None]] = None,
+    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    on_prefix: Optional[Callable[..., None]] = None,
 ) -> torch.Tensor:
-    """Causal attention with the mask aligned bottom-right.
+    """Causal attention of ``q`` over ``prefix`` blocks and its own ``k``, ``v``.
 
-    ``q (heads, sq, dim)``, ``k/v (groups, sk, dim)`` with ``sk >= sq``: query i sees
-    keys ``0 .. sk - sq + i`` (the whole prefix plus its own chunk up to itself). For
-    ``sk == sq`` this is ordinary causal attention. Returns ``(heads, sq, dim)``.
-    ``on_inputs(k, v, mask)`` (optional) sees the tensors handed to the kernel.
+    ``q (heads, s, dim)``, ``k/v (groups, s, dim)`` (the chunk's own keys, same length);
+    ``prefix``: ``(k_i, v_i)`` blocks of shape ``(groups, P_i, dim)`` that come before
+    it. Query i sees every prefix key and own keys ``0..i`` (bottom-right causal over
+    the concatenation). Returns ``(heads, s, dim)``. ``on_prefix(*tensors)`` (optional)
+    sees the prefix-length tensors kept for backward (for memory accounting).
     """
-    heads, sq, _ = q.shape
-    groups, sk, _ = k.shape
-    if flash_attn_available(q):  # pragma: no cover - needs CUDA
-        # flash-attn's causal mask is aligned bottom-right when sq < sk, and it reads
-        # GQA groups directly: (1, s, heads, d) layout.
-        if on_inputs is not None:
-            on_inputs(k, v, None)
+    _announce(q)
+    prefix = [(pk, pv) for pk, pv in prefix if pk.shape[1] > 0]
+    if q.device.type == "cpu":
+        blocks = [t[None] for kv in prefix for t in kv]
+        if on_prefix is not None and blocks:
+            on_prefix(*blocks)
+        return _MergedCPU.apply(scale, q[None], k[None], v[None], *blocks)[0]
+    if prefix:  # GPU kernels take one K/V sequence: this copy of the prefix is kept
+        k = torch.cat([pk for pk, _ in prefix] + [k], dim=1)
+        v = torch.cat([pv for _, pv in prefix] + [v], dim=1)
+        if on_prefix is not None:
+            on_prefix(k, v)
+    sq, sk = q.shape[1], k.shape[1]
+    if flash_attn_available(q):  # pragma: no cover - needs CUDA + flash-attn
+        # (1, s, heads, d) layout; causal=True is bottom-right aligned when sq < sk.
         out = _flash(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                      softmax_scale=scale, causal=True)
         return out[0].transpose(0, 1)
-    if heads != groups:
-        k = k.repeat_interleave(heads // groups, dim=0)
-        v = v.repeat_interleave(heads // groups, dim=0)
-    mask = None
-    if sq != sk:
-        # Additive mask in q's dtype: the CPU kernel would otherwise convert a boolean
-        # mask to a float copy of its own and keep that for backward.
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        mask = torch.zeros(sq, sk, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-    if on_inputs is not None:
-        on_inputs(k, v, mask)
-    # 4-D inputs: torch's CPU dispatcher picks its flash kernel (which saves only q, k, v,
-    # output and log-sum-exp for backward) for 4-D inputs, masked or not; 3-D inputs fall
-    # back to the math path that saves the (heads, sq, sk) probability matrix.
+    # SDPA: a CausalBias mask object, not a tensor (torch picks a kernel that applies it).
+    mask = causal_lower_right(sq, sk) if sq != sk else None
     out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale
+        q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale,
+        enable_gqa=True,
     )
     return out[0]
+
+
+def host_cu_seqlens(psp: Any) -> tuple[int, ...]:
+    """Sample boundaries of a packed row on the host.
+
+    ``row_to_tensors`` sets ``psp.host_cu_seqlens``; for params built elsewhere the
+    device tensor is read once and the result cached on the instance (one sync per row,
+    not per layer).
+    """
+    bounds = getattr(psp, "host_cu_seqlens", None)
+    if bounds is None:
+        bounds = tuple(int(x) for x in psp.cu_seqlens_q.tolist())
+        psp.host_cu_seqlens = bounds
+    return bounds
 
 
 class SDPAAttention(DotProductAttention):
@@ -131,24 +267,38 @@ class SDPAAttention(DotProductAttention):
     def _packed(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, psp: Any, scale: float
     ) -> torch.Tensor:
-        # (t, heads, dim) / (t, groups, dim)
-        t, heads, dim = query.shape
+        return packed_attention(query, key, value, psp, scale)
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, psp: Any,
+                     scale: float) -> torch.Tensor:
+    """Causal attention within each segment of a packed row; returns ``(t, heads * dim)``.
+
+    ``query (t, heads, dim)``, ``key/value (t, groups, dim)``, ``psp`` a megatron
+    ``PackedSeqParams`` (``cu_seqlens_q``; ``host_cu_seqlens`` and ``num_padding`` from
+    ``row_to_tensors``). Outputs of padding tokens are zeros off flash-attn.
+    """
+    t, heads, dim = query.shape
+    if flash_attn_available(query):  # pragma: no cover - needs CUDA + flash-attn
+        _announce(query)
         cu = psp.cu_seqlens_q
-        if flash_attn_available(query):  # pragma: no cover - needs CUDA + flash-attn
-            out = _flash_varlen(
-                query, key, value, cu, cu, psp.max_seqlen_q, psp.max_seqlen_q,
-                softmax_scale=scale, causal=True,
-            )
-            return out.reshape(t, heads * dim)
-        bounds = cu.tolist()
-        outs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end == start:
-                continue
+        out = _flash_varlen(
+            query, key, value, cu, cu, psp.max_seqlen_q, psp.max_seqlen_q,
+            softmax_scale=scale, causal=True,
+        )
+        return out.reshape(t, heads * dim)
+    bounds = host_cu_seqlens(psp)
+    real_end = t - int(getattr(psp, "num_padding", 0))  # padding: the last segment
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if start >= real_end:
+            break
+        if end > start:
             q = query[start:end].transpose(0, 1)
             k = key[start:end].transpose(0, 1)
             v = value[start:end].transpose(0, 1)
             outs.append(causal_attention(q, k, v, scale).transpose(0, 1))
-        if bounds[-1] < t:  # padding tail, if any: attends to nothing useful, output zeros
-            outs.append(query.new_zeros(t - bounds[-1], heads, dim))
-        return torch.cat(outs, dim=0).reshape(t, heads * dim)
+    done = sum(o.shape[0] for o in outs)
+    if done < t:  # padding tail attends to nothing
+        outs.append(query.new_zeros(t - done, heads, dim))
+    return torch.cat(outs, dim=0).reshape(t, heads * dim)

@@ -8,6 +8,9 @@ Shapes (T = tokens in the row; the batch dimension is 1, as in megatron's THD pa
     labels        (1, T) int64
     loss_mask     (1, T) float32
     packed_seq_params.cu_seqlens_q = cu_seqlens_kv  (num_samples + 1,) int32
+    packed_seq_params.host_cu_seqlens   the same boundaries as a tuple of ints, and
+    packed_seq_params.num_padding       padding tokens at the end (its last segment),
+                                        so attention needs no device-to-host copy
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ def row_to_tensors(row: PackedRow, device: torch.device, *, packed: bool = True,
             max_seqlen_q=max_len,
             max_seqlen_kv=max_len,
         )
+        # Host copies for chunkflow.model.attention (read per layer without a sync).
+        psp.host_cu_seqlens = tuple(int(x) for x in cu_host)
+        psp.num_padding = pad
     last_pos = int(row.position_ids[-1]) + 1 if n else 0
     positions = np.arange(pad) if packed else np.arange(last_pos, last_pos + pad)
     return RowTensors(

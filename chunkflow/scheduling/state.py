@@ -6,7 +6,9 @@ prefix of chunks 0..j-1 without recomputing them::
 
     layer l of sample s:   chunk 0        chunk 1        chunk 2
                            K0,V0 (leaf)   K1,V1 (leaf)   K2,V2 (leaf)
-    chunk 2's queries attend to  cat(K0, K1, K2_own)   bottom-right causal mask
+    chunk 2's queries attend to  K0, K1 (all) and K2_own (causal): bottom-right causal
+                                 over the three, without building the mask
+                                 (chunkflow.model.attention)
 
 Stored tensors are detached *leaves* that require grad. When chunk j attends to the
 prefix, autograd accumulates dL/dK_i, dL/dV_i (i < j) on those leaves. Chunk i's own
@@ -156,10 +158,12 @@ class ChunkContext:
         layer = int(module.layer_number)
         sq, b, heads, dim = query.shape
         assert b == 1, "dependent chunks run with batch size 1"
-        # (s, 1, h, d) -> (h, s, d)
+        # (s, 1, h, d) -> (h, s, d). K/V are copied to their own storage before being
+        # stored: megatron's value is a view of the fused QKV projection, and a stored
+        # view would keep the whole (s, heads + 2 * groups, d) buffer alive.
         q = query[:, 0].transpose(0, 1)
-        k = key[:, 0].transpose(0, 1)
-        v = value[:, 0].transpose(0, 1)
+        k = key[:, 0].transpose(0, 1).contiguous()
+        v = value[:, 0].transpose(0, 1).contiguous()
         entry = self.store.put(self.sample, layer, self.chunk, k, v)
         prefix = self.store.prefix(self.sample, layer, self.chunk)
         if torch.is_grad_enabled():
@@ -167,20 +171,14 @@ class ChunkContext:
             v_own = _AddStoredGrad.apply(v, [entry, "v", self.grad_scale])
         else:
             k_own, v_own = k, v
-        if prefix:
-            k_all = torch.cat([e.k for e in prefix] + [k_own], dim=1)
-            v_all = torch.cat([e.v for e in prefix] + [v_own], dim=1)
-        else:
-            k_all, v_all = k_own, v_own
         scale = module._scale(dim)
-        # The prefix-length tensors (K/V incl. GQA expansion, mask) are K/V state for
-        # memory accounting; everything else saved is chunk-sized activation.
-        out = causal_attention(q, k_all, v_all, scale, on_inputs=_tag_state)  # (h, s, d)
+        # For memory accounting, the K/V the chunk attends to are K/V state: its own K/V
+        # (the same storage as its stored leaves) and the prefix kept for backward (the
+        # stored leaves on CPU, their concatenation on GPU). The rest is chunk-sized.
+        tag_kv(k, v)
+        out = causal_attention(q, k_own, v_own, scale, prefix=[(e.k, e.v) for e in prefix],
+                               on_prefix=tag_kv)  # (h, s, d)
         return out.transpose(0, 1).reshape(sq, 1, heads * dim)
-
-
-def _tag_state(k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    tag_kv(k, v, *([mask] if mask is not None else []))
 
 
 @contextlib.contextmanager
