@@ -209,8 +209,36 @@ class Trainer:
         return float(loss_sum) / max(num_loss_tokens, 1)
 
     # ------------------------------------------------------------------ loop
+    def banner(self) -> str:
+        """What this run is: layout, model, precision, schedule, kernels and versions."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        from chunkflow.model.attention import attention_backend
+        from chunkflow.model.provider import torch_dtype
+
+        cfg, ctx = self.cfg, self.ctx
+        p, m, c = cfg.parallel, cfg.model, cfg.chunkflow
+        n = sum(q.numel() for q in self.model.module.parameters())
+        n_all = comm.reduce_scalars([n])[0] / ctx.dp_size if dist.is_initialized() else n
+        try:
+            mcore = version("megatron-core")
+        except PackageNotFoundError:  # pragma: no cover - source checkout of megatron
+            mcore = "?"
+        schedule = (f"chunkflow (mode {c.mode}, C={c.chunk_size}, K={c.k})" if cfg.train.schedule == "chunkflow"
+                    else f"megatron (micro-batch capacity {cfg.data.max_seq_len}, recompute {cfg.train.recompute})")
+        return "\n".join([
+            f"layout: tensor {ctx.tp_size} x pipeline {ctx.pp_size} x data {ctx.dp_size} = {ctx.world_size} "
+            f"ranks on {ctx.device.type}, sequence parallel {'on' if p.sequence_parallel else 'off'}, "
+            f"distributed optimizer {'on' if cfg.train.distributed_optimizer else 'off'}",
+            f"model: {m.num_layers} layers, hidden {m.hidden_size}, {int(n_all):,} parameters, {m.dtype}",
+            f"schedule: {schedule}; attention: {attention_backend(ctx.device, torch_dtype(m.dtype))}",
+            f"versions: torch {torch.__version__}, megatron-core {mcore}, chunkflow {_git_commit()}",
+        ])
+
     def train(self) -> dict:
         cfg = self.cfg
+        banner = self.banner()  # a collective (parameter count): every rank builds it
+        self.log(banner)
         self.log(f"data: {self.data_desc}")
         if self.step >= cfg.train.steps:
             self.log(f"nothing to train: {self.loaded_from} is at step {self.step} and "
@@ -315,3 +343,20 @@ class Trainer:
 def _fmt(value: Optional[float], spec: str, missing: str) -> str:
     """``value`` formatted, or ``missing`` (e.g. no grad norm: fp16 step skipped on overflow)."""
     return missing if value is None else format(value, spec)
+
+
+def _git_commit() -> str:
+    """The checkout's commit (``+dirty`` with local changes), or the package version."""
+    import subprocess
+
+    import chunkflow
+
+    root = Path(chunkflow.__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    return f"{sha}{'+dirty' if dirty else ''}" if sha else chunkflow.__version__
