@@ -77,11 +77,11 @@ WRONG_KERNEL = '''
 import sys, torch, torch.nn.functional as F
 import chunkflow.model.attention as attention, chunkflow.scheduling.state as state
 
-def top_left(q, k, v, scale, on_inputs=None):
+def top_left(q, k, v, scale, prefix=(), on_prefix=None):
+    k = torch.cat([pk for pk, _ in prefix] + [k], dim=1)
+    v = torch.cat([pv for _, pv in prefix] + [v], dim=1)
     rep = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-    if on_inputs is not None:
-        on_inputs(k, v, None)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)[0]
 
 attention.causal_attention = state.causal_attention = top_left

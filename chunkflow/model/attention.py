@@ -187,8 +187,15 @@ def causal_attention(
     it. Query i sees every prefix key and own keys ``0..i`` (bottom-right causal over
     the concatenation). Returns ``(heads, s, dim)``. ``on_prefix(*tensors)`` (optional)
     sees the prefix-length tensors kept for backward (for memory accounting).
+
+    ``k/v`` longer than ``q`` (``sk > sq``) mean the same thing with the prefix already
+    concatenated in front: their first ``sk - sq`` keys are taken as one prefix block.
     """
     _announce(q)
+    extra = k.shape[1] - q.shape[1]
+    if extra > 0:
+        prefix = list(prefix) + [(k[:, :extra], v[:, :extra])]
+        k, v = k[:, extra:], v[:, extra:]
     prefix = [(pk, pv) for pk, pv in prefix if pk.shape[1] > 0]
     if q.device.type == "cpu":
         blocks = [t[None] for kv in prefix for t in kv]
