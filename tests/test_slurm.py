@@ -159,3 +159,12 @@ def test_time_limit_signal_reaches_each_process_once_and_requeues(cluster, tmp_p
         lines = Path(f"{run_dir}.fake.{node}").read_text().splitlines()
         assert lines[:2] == ["waiting for SIGUSR1", "SIGUSR1 x1"], (node, lines)
         assert lines[2].endswith("nothing left to do"), (node, lines)
+
+
+def test_missing_slurm_is_reported_with_the_fix(monkeypatch):
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    with pytest.raises(SlurmUnavailable, match="needs root: apt-get install slurmctld slurmd slurm-client munge"):
+        ensure_slurm()
