@@ -19,12 +19,16 @@ def test_sbatch_runs_one_torchrun_per_node_with_c10d_rendezvous(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[07-08]",
-               SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="8", PYTHON="python")
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="8", PYTHON="python",
+               MASTER_PORT="29500")
     out = subprocess.run(["bash", str(ROOT / "scripts/slurm/finetune.sbatch"), "configs/qwen7b_32k.yaml",
                           "train.steps=5"], env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "--nnodes 2" in out and "--nproc-per-node 8" in out
     assert "--rdzv-backend c10d" in out and "--rdzv-endpoint node07:29500" in out
-    assert out.rstrip().endswith("scripts/finetune.py --config configs/qwen7b_32k.yaml train.steps=5")
+    # resumable: a run directory keyed by the job id (stable across requeues), load=auto;
+    # the user's overrides come last and win
+    assert out.rstrip().endswith("scripts/finetune.py --config configs/qwen7b_32k.yaml train.load=auto "
+                                 "train.output_dir=runs/chunkflow-4242 train.steps=5")
 
 
 def test_rank_from_torchrun_then_slurm(monkeypatch):
