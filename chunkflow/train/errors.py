@@ -88,11 +88,15 @@ def report_failure(exc: BaseException, *, rank: int, groups_exist: bool, file: A
 
 
 def launcher_rank() -> int:
-    """This process's rank as the launcher set it (0 when unset or unreadable)."""
+    """This process's rank as the launcher set it; 0 when unset or not a valid rank (a
+    broken environment is reported by every process: none can tell it is rank 0)."""
     import os
 
     raw = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    return int(raw) if raw.strip().isdigit() else 0
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    if raw.strip().isdigit() and world.strip().isdigit() and int(raw) < int(world):
+        return int(raw)
+    return 0
 
 
 _reports = 0  # failures reported by this process (one per job, but tests run several)
@@ -160,8 +164,8 @@ def check_checkpoint(path: str | Path, cfg: Any) -> dict:
         int(state["step"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: {tj} is unreadable or has no step ({e}); the save did not finish") from None
-    if not (p / "model" / ".metadata").is_file():
-        raise CheckpointError(f"{where}: no model/.metadata; the save did not finish or the directory is damaged")
+    if not (p / "model" / "metadata.json").is_file():
+        raise CheckpointError(f"{where}: no model/metadata.json; the save did not finish or the directory is damaged")
     saved = (state.get("config") or {}).get("model") or {}
     diffs = [f"{k} {saved[k]}" + f" (config has {getattr(cfg.model, k)})"
              for k in SHAPE_FIELDS if k in saved and saved[k] != getattr(cfg.model, k)]
