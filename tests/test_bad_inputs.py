@@ -166,7 +166,7 @@ def _data_cases(t: Path) -> list[tuple[str, list[str], str]]:
         ("one_token", [d("one", {"input_ids": [7]})], "one.jsonl:2: empty sample: 1 token(s)"),
         ("no_loss_token", [d("nl", {"input_ids": [1, 2, 3], "loss_mask": [1, 0, 0]})], "nl.jsonl:2: no loss token"),
         ("non_utf8", [f"data.path={_data(t, 'u', [], raw=latin1)}"],
-         "u.jsonl:2: not UTF-8: byte 0xe9 at column 15"),
+         "u.jsonl:2: not UTF-8: byte 0xe9 at column 14"),
         ("empty_file", [f"data.path={_data(t, 'e', [], raw=b'')}"], "holds no usable sample"),
         ("blank_lines_only", [f"data.path={_data(t, 'b', [], raw=blank)}"], "holds no usable sample"),
         ("data_file_missing", [f"data.path={t / 'absent.jsonl'}"], "absent.jsonl: no such file (data.path)"),

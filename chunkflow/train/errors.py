@@ -205,12 +205,25 @@ def load_checkpoint_checked(path: str | Path, cfg: Any, *, model: Any, optimizer
     check_checkpoint(path, cfg)
     try:
         return load_checkpoint(path, model=model, optimizer=optimizer)
-    except UserError:
+    except (UserError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # megatron's CheckpointingException, torch's EOFError/RuntimeError, ...
-        if is_peer_failure(e):
+    except BaseException as e:  # torch DCP's CheckpointException is a BaseException
+        cause = _unwrap(e)
+        if is_peer_failure(cause):
             raise
-        raise CheckpointError(f"train.load={path}: cannot read it into this model: {_read_error(e)}") from e
+        raise CheckpointError(f"train.load={path}: cannot read it into this model: {_read_error(cause)}") from e
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """torch.distributed.checkpoint wraps each rank's exception (with its traceback text)
+    in a ``CheckpointException``; the first rank's own exception says what went wrong."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            return inner
+    return e
 
 
 def _read_error(e: BaseException) -> str:
