@@ -28,6 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's banner otherwise; set it to tune
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    _shorten_teardown(int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")))
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         run(args)
@@ -35,6 +36,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def _shorten_teardown(grace_s: int) -> None:
+    """After a worker fails, torchrun sends the others SIGTERM and waits 30 s before
+    SIGKILL (its ``_stop_workers`` ignores ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``). A stopped
+    or hung worker cannot act on SIGTERM, so that wait is pure delay: use ``grace_s``."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    if hasattr(LocalElasticAgent, "_stop_workers") and hasattr(LocalElasticAgent, "_shutdown"):
+        LocalElasticAgent._stop_workers = lambda self, worker_group: self._shutdown(timeout=grace_s)
 
 
 if __name__ == "__main__":
