@@ -1,9 +1,12 @@
 """Fine-tune a megatron-core model with chunkflow.
 
     torchrun --nproc-per-node 2 scripts/finetune.py --config configs/tiny_cpu.yaml [key=value ...]
+    python -m chunkflow.parallel.launch --nproc-per-node 2 scripts/finetune.py ...  # same, quiet failures
 
 Parses the config, creates process groups, trains, writes metrics and a checkpoint to
-``train.output_dir``, and tears down. All logic lives in the ``chunkflow`` package.
+``train.output_dir``, and tears down. A bad input (config, data, checkpoint, HF files,
+layout) ends the run with one line naming it, printed once, and exit code 2; see
+docs/errors.md. All logic lives in the ``chunkflow`` package.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import warnings
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
-from chunkflow.config import ConfigError, load_config  # noqa: E402
+from chunkflow.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,28 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
 
     from chunkflow.parallel.distributed import destroy_distributed, init_distributed
-    from chunkflow.train.trainer import NonFiniteError, Trainer
+    from chunkflow.train.errors import is_peer_failure, launcher_rank, report_failure
 
+    ctx = None
     try:
+        cfg = load_config(args.config, args.overrides)
         ctx = init_distributed(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
+        from chunkflow.train.trainer import Trainer
+
         summary = Trainer(cfg, ctx).train()
-    except NonFiniteError as e:  # every rank agrees on it; one says it
-        if ctx.rank == 0:
-            print(f"stopped: {e}", file=sys.stderr)
-        return 1
-    finally:
-        destroy_distributed()
+    except BaseException as exc:  # noqa: BLE001 - one line, once, and an exit code
+        code = report_failure(exc, rank=ctx.rank if ctx else launcher_rank(), groups_exist=ctx is not None)
+        if ctx is not None and not is_peer_failure(exc):  # nothing is stuck: tear down cleanly
+            destroy_distributed()
+        return code
+    destroy_distributed()
     if ctx.is_logging_rank:
         print(_done_line(summary))
     return 0

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Collection, Optional
 
-from chunkflow.config.errors import ConfigError
+from chunkflow.config.errors import ConfigError, UserError
 from chunkflow.config.schema import Config, ModelConfig
 
 __all__ = [
@@ -35,7 +35,7 @@ SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "lla
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
-class HFError(ValueError):
+class HFError(UserError):
     """A Hugging Face checkpoint chunkflow cannot convert; the message says what and why."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from chunkflow.config.errors import ConfigError, UserError
 from chunkflow.config.schema import SCHEDULES
 from chunkflow.data.assignment import CostModel
 from chunkflow.data.plan import StepPlan, plan_step
@@ -44,7 +45,7 @@ class GlobalBatchLoader:
         if global_batch_size < 1:
             raise ValueError(f"data.global_batch_size={global_batch_size} must be >= 1")
         if len(samples) < global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.global_batch_size={global_batch_size} is larger than the dataset "
                 f"({len(samples)} samples); use at most {len(samples)} or add data"
             )
@@ -101,7 +102,7 @@ class GlobalBatchLoader:
         for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
                           ("num_samples", len(self.samples)), ("shuffle", self.shuffle)):
             if key in state and state[key] != mine:
-                raise ValueError(
+                raise UserError(
                     f"data loader state was saved with {key}={state[key]!r} but this loader has "
                     f"{key}={mine!r}; resume with the same data settings"
                 )

@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 from tokenizers import Tokenizer
 
+from chunkflow.config.errors import UserError
 from chunkflow.config.schema import OVERLONG
 from chunkflow.data.tokenizer import ChatFormatError, ChatTemplate
 from chunkflow.data.types import Sample
@@ -47,7 +48,7 @@ __all__ = ["DataError", "ReadStats", "read_jsonl", "FORMAT_KEYS"]
 FORMAT_KEYS = ("input_ids", "text", "messages")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A sample that cannot be used; the message starts with ``file:line``."""
 
 
@@ -103,13 +104,14 @@ def read_jsonl(
     template = ChatTemplate(tokenizer) if tokenizer is not None else None
     stats = ReadStats(path=str(path))
     samples: list[Sample] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named by its number
+        for lineno, raw in enumerate(f, start=1):
             stats.lines = lineno
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where)
             if not line.strip():
                 stats.skipped_blank += 1
                 continue
-            where = f"{path}:{lineno}"
             tokens, target = _parse_line(line, where, tokenizer, template)
             _check_sample(tokens, target, where, vocab_size)
             stats.read += 1
@@ -137,6 +139,16 @@ def read_jsonl(
             stats.max_len = max(stats.max_len, len(sample))
     stats.samples = len(samples)
     return samples, stats
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where}: not UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}; "
+            "chunkflow reads JSONL as UTF-8 (re-encode the file)"
+        ) from None
 
 
 def _shift(tokens: np.ndarray, target: np.ndarray, sample_id: int) -> Sample:

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from chunkflow.config.errors import UserError
+
 __all__ = ["TokenizerError", "ChatFormatError", "ChatTemplate", "load_tokenizer", "ROLES"]
 
 ROLES = ("system", "user", "assistant")
@@ -42,7 +44,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """The configured tokenizer cannot be loaded; the message names the setting."""
 
 

@@ -241,7 +241,10 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, m: ModelConfig, 
     Each rank reads only its slices (memory-mapped safetensors), so no rank holds the
     full model. Raises :class:`HFError` naming a missing or mis-shaped tensor.
     """
-    reader = SafetensorsReader(hf_dir)
+    try:
+        reader = SafetensorsReader(hf_dir)
+    except FileNotFoundError as e:
+        raise HFError(f"model.hf_dir: {e}") from None
     check_hf_tensors(reader, m)
     module = getattr(model, "module", model)
     offset = layer_offset(module)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from chunkflow.config.errors import ConfigError
 from chunkflow.config.schema import Config
 from chunkflow.config.validate import validate_layout
 from chunkflow.parallel.comm import install_strict_checks, strict_requested
@@ -64,10 +65,22 @@ def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's or SLURM's environment."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    else:
+        return 0, 1, 0
+    values = []
+    for name in names:
+        raw = env.get(name, "0")
+        if not raw.strip().isdigit():
+            raise ConfigError(f"environment variable {name}={raw!r} is not a non-negative integer "
+                              "(set by the launcher: torchrun or srun)")
+        values.append(int(raw))
+    rank, world, local_rank = values
+    if world < 1 or rank >= world:
+        raise ConfigError(f"environment: {names[0]}={rank} is not below {names[1]}={world}")
+    return rank, world, local_rank
 
 
 MIXED_BACKEND = "cpu:gloo,cuda:nccl"
@@ -85,7 +98,8 @@ def init_distributed(cfg: Config, *, seed: Optional[int] = None) -> ParallelCont
     validate_layout(cfg, world)  # raises before any group exists
     backend = _pick_backend(cfg.parallel.backend)
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("parallel.backend=nccl needs CUDA; use gloo (or auto) on CPU")
+        raise ConfigError("parallel.backend=nccl needs CUDA, and this machine has none; use "
+                          "parallel.backend=gloo (or auto) on CPU")
 
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -27,7 +27,8 @@ from chunkflow.config.loader import config_to_dict, dump_config
 from chunkflow.config.schema import Config
 from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
-from chunkflow.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from chunkflow.train.checkpoint import latest_checkpoint, save_checkpoint
+from chunkflow.train.errors import load_checkpoint_checked
 from chunkflow.train.build import build_model_and_ddp, build_schedule
 from chunkflow.train.metrics import (MetricsWriter, PeakMemory, device_clock, gather_rank_stats,
                                      resolve_peak_tflops, step_flops, throughput_metrics)
@@ -63,7 +64,7 @@ class Trainer:
         self.step = 0
         self.loaded_from = self._resolve_load()
         if self.loaded_from:
-            state = load_checkpoint(self.loaded_from, model=self.model, optimizer=self.optimizer)
+            state = load_checkpoint_checked(self.loaded_from, cfg, model=self.model, optimizer=self.optimizer)
             self.step = int(state["step"])
             if not state.get("model_only"):  # e.g. an imported HF model: weights only
                 self.scheduler.load_state_dict(state["scheduler"])
