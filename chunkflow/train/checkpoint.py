@@ -289,14 +289,14 @@ def _refusal(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} is {problem}; {where}")
 
 
-def verify_checkpoint(path: str | Path) -> None:
+def verify_checkpoint(path: str | Path, *, collective: bool = True) -> None:
     """Hash every file of ``path`` against its manifest, or raise a ``CheckpointError``
-    naming the file and the newest valid checkpoint. With a process group, the ranks
-    share the hashing (collective: every rank calls it) and all raise alike."""
+    naming the file and the newest valid checkpoint. ``collective`` (with a process
+    group): the ranks share the hashing, every rank must call, all raise alike."""
     path = Path(path)
     problem = checkpoint_problem(path)  # manifest present, sizes match: cheap, every rank
     if problem is None:
-        rank, world = _world()
+        rank, world = _world() if collective else (0, 1)
         names = sorted(read_manifest(path))[rank::world]
         problem = checkpoint_problem(path, full=True, names=names)
         if world > 1:
