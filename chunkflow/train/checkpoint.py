@@ -59,7 +59,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from chunkflow.parallel import comm
 from chunkflow.train.checkpoint_files import (
-    MANIFEST, CheckpointError, check_pickled_objects, check_sizes, hash_files, list_files, read_dcp_metadata,
+    CheckpointError, check_pickled_objects, check_sizes, hash_files, list_files, read_dcp_metadata,
     read_manifest, verify_files, write_manifest_entries, write_text_atomic,
 )
 
