@@ -176,6 +176,12 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
     torch.distributed.barrier()
     del sd
     shutil.rmtree(scratch, ignore_errors=True)
+    torch.distributed.barrier()
+    if ctx.rank == 0:  # last, over the finished files: loading verifies it (train/checkpoint.py)
+        from chunkflow.train.checkpoint_files import write_manifest
+
+        write_manifest(out)
+    torch.distributed.barrier()
 
 
 def _import_worker(rank: int, world: int, hf_dir: str, out: str, cfg: Config) -> None:
@@ -332,10 +338,12 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from chunkflow.model.provider import build_model
-    from chunkflow.train.checkpoint import read_trainer_state
+    from chunkflow.train.checkpoint import read_trainer_state, verify_checkpoint
+    from chunkflow.train.checkpoint_files import SafeFileSystemReader, write_text_atomic
 
     _return_freed_memory_to_os()
     ckpt, out_dir = Path(ckpt), Path(out_dir)
+    verify_checkpoint(ckpt, collective=False)  # manifest hashes: refuses a torn or corrupt checkpoint by name
     state = read_trainer_state(ckpt)
     meta_file = ckpt / "model" / "metadata.json"
     backend = json.loads(meta_file.read_text()).get("sharded_backend") if meta_file.is_file() else None
@@ -352,24 +360,28 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
     with _meta_device():
         model = build_model(cfg, pre_process=True, post_process=True)
     sd = {k: v for k, v in model.sharded_state_dict(prefix="").items() if not isinstance(v, ShardedObject)}
-    reader = dcp.FileSystemReader(str(ckpt / "model"))
+    reader = SafeFileSystemReader(ckpt / "model")  # .metadata through an allow-list, never plain pickle
     metadata = reader.read_metadata()
     torch_dtype = getattr(torch, DTYPE_NAMES[out_dtype])
     writer = SafetensorsWriter(out_dir, hf_specs(m, torch_dtype), max_shard_bytes=max_shard_bytes)
     adapters = _read_adapters(ckpt)
-    for pm in megatron_params(m):
-        full = _read_full(sd.pop(pm.name), reader, metadata)
-        full = _merge_adapters(pm.name, full, adapters, m)
-        for name, tensor in to_hf(pm, full, m):
-            writer.write(name, tensor.to(torch_dtype))
-        del full
-    files = writer.close()
+    try:
+        for pm in megatron_params(m):
+            full = _read_full(sd.pop(pm.name), reader, metadata)
+            full = _merge_adapters(pm.name, full, adapters, m)
+            for name, tensor in to_hf(pm, full, m):
+                writer.write(name, tensor.to(torch_dtype))
+            del full
+        files = writer.close()  # every shard renamed into place
+    except BaseException:
+        writer.abort()  # an earlier export in out_dir stays whole
+        raise
     if source:
         _copy_side_files(source, out_dir)
     elif saved.get("data", {}).get("tokenizer") and Path(saved["data"]["tokenizer"]).is_file():
         shutil.copyfile(saved["data"]["tokenizer"], out_dir / "tokenizer.json")
     config = hf_config_from_model(m, base, out_dtype, saved.get("data", {}).get("max_seq_len", 4096))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return files
 
 

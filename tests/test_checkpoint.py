@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from chunkflow.parallel.spawn import run_distributed
+from chunkflow.train.checkpoint_files import write_manifest
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
@@ -73,6 +74,7 @@ def worker(rank: int, world: int, tmp: str, layout: list[str], with_lora: bool =
     if rank == 0:
         shutil.copytree(ckpt, no_rng)
         shutil.rmtree(no_rng / "rng")
+        write_manifest(no_rng)  # vouch for the edited copy (loading verifies the manifest)
     dist.barrier()
     control, _ = _train(lora, tmp_path / "lora_control", load=str(no_rng))
     out.update(lora_full=full, lora_resumed=resumed, lora_control=control)

@@ -41,7 +41,7 @@ def test_tiny_default_trains_and_loss_falls(tmp_path):
     last = sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 1.0, (first, last)
     assert (tmp_path / "run" / "config.yaml").is_file()
-    assert (tmp_path / "run" / "checkpoint" / "trainer.json").is_file()
+    assert (tmp_path / "run" / "checkpoint_step30" / "trainer.json").is_file()
 
 
 def test_resume_continues_exactly(tmp_path):

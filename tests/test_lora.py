@@ -250,7 +250,7 @@ def trainer_run(rank: int, world: int, out_dir: str) -> dict:
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     unchanged = all(torch.equal(p, base[n]) for n, p in trainer.model.module.named_parameters() if n in base)
     return {"summary": summary, "records": records, "base_unchanged": unchanged,
-            "adapter_files": sorted(p.name for p in (Path(out_dir) / "checkpoint/adapter").iterdir())}
+            "adapter_files": sorted(p.name for p in (Path(out_dir) / "checkpoint_step3/adapter").iterdir())}
 
 
 def test_trainer_runs_spaco_with_lora(tmp_path):

@@ -145,7 +145,10 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
-    save_at_end: bool = True
+    save_at_end: bool = True  # the end state as checkpoint_step<steps> (see docs/checkpoints.md)
+    # After each successful save keep only the newest N complete checkpoints (0 = keep
+    # all); the one just written and the one this run loaded are never deleted.
+    keep_checkpoints: int = 0
     # Checkpoint directory to start from (model, optimizer, data and RNG state); "auto" =
     # the newest checkpoint under output_dir, or a fresh start when there is none (what a
     # requeued SLURM job wants).

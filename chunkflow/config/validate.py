@@ -78,6 +78,7 @@ NUMBER_RULES: dict[str, Rule] = {
     "train.seed": INT_GE0,
     "train.log_every": INT_GE1,
     "train.save_every": INT_GE0,
+    "train.keep_checkpoints": INT_GE0,
     "train.initial_loss_scale": POSITIVE,
     "train.peak_tflops": NON_NEGATIVE,
     "train.max_skipped": INT_GE1,

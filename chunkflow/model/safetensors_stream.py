@@ -22,6 +22,8 @@ models are split into ``model-00001-of-0000N.safetensors`` files listed by
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ _DTYPE_CODES = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,12 @@ class SafetensorsWriter:
     ``max_shard_bytes`` (a tensor larger than that gets a file of its own). Call
     :meth:`write` once per tensor in plan order, then :meth:`close`, which writes the
     index json when there is more than one file.
+
+    Files are written under temporary names (``.<name>.tmp-<pid>``) and renamed into
+    place by :meth:`close`, so a failed or killed export never leaves a truncated file
+    under a real name (an earlier export's files stay whole until replaced); shard
+    files of an earlier export that this one does not replace are removed at close, so
+    a reader never mixes two exports. :meth:`abort` removes the temporaries.
     """
 
     def __init__(self, directory: str | Path, plan: Iterable[TensorSpec], *,
@@ -177,19 +186,40 @@ class SafetensorsWriter:
     def _open_next_shard(self) -> None:
         self._shard += 1
         file_name, specs = self._shards[self._shard]
-        self._file = open(self.dir / file_name, "wb")
+        self._file = open(self._tmp(file_name), "wb")
         self._file.write(_header(specs, self.metadata))
         self._left_in_shard = len(specs)
 
+    def _tmp(self, file_name: str) -> Path:
+        return self.dir / f".{file_name}.tmp-{os.getpid()}"
+
     def close(self) -> list[str]:
-        """Finish; returns the file names written."""
+        """Finish: rename every file into place; returns the file names written."""
         if self._next != len(self.plan):
             missing = self.plan[self._next].name
+            self.abort()
             raise ValueError(f"write plan incomplete: tensor '{missing}' and later were never written")
+        names = [f for f, _ in self._shards]
+        for f in names:
+            os.replace(self._tmp(f), self.dir / f)
         if len(self._shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.num_bytes for s in self.plan)},
                 "weight_map": {s.name: f for f, specs in self._shards for s in specs},
             }
-            (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return [f for f, _ in self._shards]
+            self._tmp(INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            os.replace(self._tmp(INDEX_FILE), self.dir / INDEX_FILE)
+        elif (self.dir / INDEX_FILE).is_file():
+            (self.dir / INDEX_FILE).unlink()
+        for old in self.dir.iterdir():  # shards of an earlier export not replaced now
+            if _SHARD_NAME.fullmatch(old.name) and old.name not in names:
+                old.unlink()
+        return names
+
+    def abort(self) -> None:
+        """Drop the temporary files (after a failure); real names are untouched."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for f, _ in self._shards:
+            self._tmp(f).unlink(missing_ok=True)

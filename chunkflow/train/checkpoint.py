@@ -2,11 +2,23 @@
 trainer's own small state (step, LR schedule, data loader position) as JSON and each
 rank's random-number state.
 
-Layout of ``<dir>``::
+Layout of ``<output_dir>``::
 
-    model/           megatron dist_checkpointing shards of the model (and optimizer)
-    trainer.json     {"step": ..., "scheduler": {...}, "loader": {...}, "config": {...}}
-    rng/rank{N}.pt   rank N's generators: {"world_size", "cpu", "cuda", "tracker"}
+    checkpoint_step<N>/  one complete checkpoint per saved step:
+      model/             megatron dist_checkpointing shards of the model (and optimizer)
+      trainer.json       {"step": ..., "scheduler": {...}, "loader": {...}, "config": {...}}
+      rng/rank{N}.pt     rank N's generators: {"world_size", "cpu", "cuda", "tracker"}
+      adapter/           LoRA adapters on their own (lora.enabled)
+      manifest.json      every other file's size and hash (checkpoint_files.py), written last
+    latest               the name of the newest checkpoint this run saved
+
+Saving is atomic: every rank writes into ``.tmp-checkpoint_step<N>-<nonce>`` (rank 0
+draws the nonce and broadcasts it), the ranks hash the files between them and rank 0
+writes the manifest; after a barrier rank 0 renames the directory to its name (an
+existing one of that name is first renamed aside to ``.old-...`` and deleted after),
+then rewrites ``latest``. A kill at any moment leaves every named checkpoint complete.
+Loading verifies the manifest (every file's hash) before reading anything and refuses
+an incomplete or corrupt checkpoint, naming the newest valid one.
 
 Loading a directory written with another tensor/pipeline layout works for the model
 (megatron reshards on load). Optimizer state: the plain optimizer restores only with
@@ -35,8 +47,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,9 +58,14 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from chunkflow.parallel import comm
+from chunkflow.train.checkpoint_files import (
+    CheckpointError, check_pickled_objects, check_sizes, hash_files, list_files, read_dcp_metadata,
+    read_manifest, verify_files, write_manifest_entries, write_text_atomic,
+)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_state", "latest_checkpoint", "rng_state", "set_rng_state",
-           "OPTIMIZER_METADATA"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_trainer_state", "latest_checkpoint", "prune_checkpoints",
+           "verify_checkpoint", "checkpoint_problem", "rng_state", "set_rng_state", "CheckpointError",
+           "OPTIMIZER_METADATA", "LATEST", "CRASH_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +100,73 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+LATEST = "latest"  # <output_dir>/latest: the name of the newest saved checkpoint
+# Tests only: "<point>:<checkpoint name>" makes every rank exit (os._exit) at that point
+# of saving that checkpoint: "before_manifest" (shards written) or "after_aside" (an
+# existing checkpoint of the same name renamed aside, the new one not yet in place).
+CRASH_ENV = "CHUNKFLOW_TEST_CRASH_SAVE"
+_TMP, _OLD = ".tmp-", ".old-"
+
+
+def _crash_point(point: str, name: str) -> None:
+    if os.environ.get(CRASH_ENV) == f"{point}:{name}":
+        logger.warning("%s=%s: exiting", CRASH_ENV, os.environ[CRASH_ENV])
+        os._exit(86)
+
+
+def _agree_nonce() -> str:
+    """A random suffix, the same on every rank (rank 0's, broadcast). Drawn from the OS,
+    not from torch: the saved random state must not be disturbed by saving."""
+    value = torch.tensor([int.from_bytes(os.urandom(6), "little")], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        comm.broadcast(value, src=0)
+    return f"{int(value[0]):012x}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        comm.barrier()
+
+
+def _hash_shared(root: Path) -> Optional[dict[str, dict]]:
+    """Every file under ``root`` hashed, the files dealt round-robin over the ranks
+    (each hashes its share in threads); the full table on rank 0, None elsewhere."""
+    rank, world = _world()
+    names = list_files(root)  # the same list on every rank (largest first)
+    mine = hash_files(root, names[rank::world])
+    if world == 1:
+        return mine
+    parts = comm.gather_object(mine, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if parts is not None else None
+
+
+def _publish(tmp: Path, path: Path, nonce: str) -> None:
+    """Rank 0: make ``tmp`` visible as ``path`` by one rename, then point ``latest`` at it."""
+    old = None
+    if path.exists():  # re-saving a name: the old one stays complete under another name
+        old = path.with_name(f"{_OLD}{path.name}-{nonce}")
+        os.rename(path, old)
+        _crash_point("after_aside", path.name)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    write_text_atomic(path.parent / LATEST, path.name + "\n")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -88,23 +174,36 @@ def save_checkpoint(
     optimizer: Optional[Any],
     trainer_state: dict,
     rank: int,
-) -> None:
+    extra: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Write a checkpoint to ``path`` atomically (see module doc). Collective: every rank
+    calls it. ``extra(dir)``, if given, writes more files into the checkpoint before the
+    manifest (every rank calls it). Returns ``path``."""
     path = Path(path)
     rng = rng_state()  # before anything below could draw
+    nonce = _agree_nonce()
+    tmp = path.with_name(f"{_TMP}{path.name}-{nonce}")
     if rank == 0:
-        (path / "model").mkdir(parents=True, exist_ok=True)
-        (path / "rng").mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        comm.barrier()
-    torch.save(rng, path / "rng" / f"rank{_world()[0]}.pt")
+        (tmp / "model").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    torch.save(rng, tmp / "rng" / f"rank{_world()[0]}.pt")
     sd: dict[str, Any] = {"model": _model_sd(model)}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(sd, str(path / "model"))
+    dist_checkpointing.save(sd, str(tmp / "model"))
     if rank == 0:
-        (path / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-    if dist.is_initialized():
-        comm.barrier()
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+    if extra is not None:
+        extra(tmp)
+    _barrier()  # every file exists
+    _crash_point("before_manifest", path.name)
+    entries = _hash_shared(tmp)
+    if rank == 0:
+        write_manifest_entries(tmp, entries)
+        _publish(tmp, path, nonce)
+    _barrier()
+    return path
 
 
 def read_trainer_state(path: str | Path) -> dict:
@@ -115,9 +214,7 @@ def read_trainer_state(path: str | Path) -> dict:
 
 
 def _saved_keys(model_dir: Path) -> set:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return set(FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata)
+    return set(read_dcp_metadata(model_dir).state_dict_metadata)
 
 
 def _restore_rng(path: Path) -> bool:
@@ -126,7 +223,7 @@ def _restore_rng(path: Path) -> bool:
     if not f.is_file():
         logger.warning("%s has no rng/rank%d.pt: random state continues from the run's seed", path, rank)
         return False
-    state = torch.load(f, weights_only=False)
+    state = torch.load(f, map_location="cpu", weights_only=True)
     if state["world_size"] != world:
         logger.warning("%s was saved by %d ranks, this run has %d: random state continues from the "
                        "run's seed", path, state["world_size"], world)
@@ -169,16 +266,90 @@ def _unshare_adam_steps(optimizer: Any) -> None:
                 state["step"] = state["step"].clone()
 
 
-def load_checkpoint(path: str | Path, *, model: Any, optimizer: Optional[Any]) -> dict:
-    """Load model (and optimizer) state in place and restore this rank's random state
-    (see module doc); return the trainer state dict."""
+# --------------------------------------------------------------------------- checking
+def checkpoint_problem(path: str | Path, *, full: bool = False, names: Optional[Iterable[str]] = None) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint ("incomplete (...)", "corrupt (...)"),
+    or None. Sizes only, unless ``full`` (hash ``names``, default every file)."""
     path = Path(path)
+    if not path.is_dir():
+        return "missing (no such directory)"
+    try:
+        files = read_manifest(path)
+    except CheckpointError as e:
+        return str(e)
+    problem = check_sizes(path, files)
+    if problem or not full:
+        return problem
+    return verify_files(path, files, sorted(files) if names is None else list(names))
+
+
+def _refusal(path: Path, problem: str) -> CheckpointError:
+    newest = latest_checkpoint(path.parent, exclude=path)
+    where = f"the newest valid checkpoint is {newest}" if newest else f"no valid checkpoint under {path.parent}"
+    return CheckpointError(f"checkpoint {path} is {problem}; {where}")
+
+
+def verify_checkpoint(path: str | Path, *, collective: bool = True) -> None:
+    """Hash every file of ``path`` against its manifest, or raise a ``CheckpointError``
+    naming the file and the newest valid checkpoint. ``collective`` (with a process
+    group): the ranks share the hashing, every rank must call, all raise alike."""
+    path = Path(path)
+    problem = checkpoint_problem(path)  # manifest present, sizes match: cheap, every rank
+    if problem is None:
+        rank, world = _world() if collective else (0, 1)
+        names = sorted(read_manifest(path))[rank::world]
+        problem = checkpoint_problem(path, full=True, names=names)
+        if world > 1:
+            problem = next((p for p in comm.all_gather_object(problem) if p), None)
+    if problem:
+        raise _refusal(path, problem)
+
+
+def _check_safe(path: Path) -> None:
+    """Read the DCP metadata through the allow-list and load every stored object with
+    ``weights_only`` before megatron unpickles them (checkpoint_files.py)."""
+    check_pickled_objects(path / "model", read_dcp_metadata(path / "model"))
+
+
+def _check_keys(path: Path, requested: set, saved: set, base_only: bool) -> None:
+    """Strict loading: the model's tensors (over all ranks) and the checkpoint's model
+    tensors must be the same set; names the differences. Optimizer state and megatron's
+    stored objects (``_extra_state``) are not model tensors."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        requested = set().union(*comm.all_gather_object(requested))
+    saved_model = {k for k in saved if not k.startswith("optimizer.") and "/shard_" not in k}
+    if base_only:
+        saved_model = {k for k in saved_model if ".lora_" not in k}
+    missing, unexpected = sorted(requested - saved_model), sorted(saved_model - requested)
+    if not (missing or unexpected):
+        return
+    hint = ""
+    if any(".lora_" in k for k in unexpected):
+        hint = " (a checkpoint with LoRA adapters: set lora.enabled=true with its lora.rank/targets)"
+    raise CheckpointError(
+        f"checkpoint {path} does not match the model: "
+        + (f"missing {len(missing)} tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; " if missing else "")
+        + (f"unexpected {len(unexpected)} tensors: {', '.join(unexpected[:8])}"
+           f"{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
+        + hint + " (check model.* against the checkpoint's trainer.json config)")
+
+
+def load_checkpoint(path: str | Path, *, model: Any, optimizer: Optional[Any]) -> dict:
+    """Verify ``path`` (manifest hashes, safe metadata), then load model (and optimizer)
+    state in place strictly and restore this rank's random state (see module doc);
+    return the trainer state dict. Collective: every rank calls it."""
+    path = Path(path)
+    verify_checkpoint(path)
+    _check_safe(path)
     state = read_trainer_state(path)
     sd: dict[str, Any] = {"model": _model_sd(model)}
+    saved = _saved_keys(path / "model")
     adapters = [getattr(v, "key", k) for k, v in sd["model"].items() if ".lora_" in k]
-    if adapters and adapters[0] not in _saved_keys(path / "model"):  # a base model for LoRA
+    base_only = bool(adapters) and adapters[0] not in saved  # a base model for LoRA
+    if base_only:
         sd["model"] = {k: v for k, v in sd["model"].items() if ".lora_" not in k}
         state = {**state, "model_only": True, "step": 0}
+    _check_keys(path, _tensor_keys(sd["model"]), saved, base_only)
     if state.get("model_only"):  # written by import_hf: no optimizer state to restore
         optimizer = None
     if optimizer is not None:
@@ -186,7 +357,11 @@ def load_checkpoint(path: str | Path, *, model: Any, optimizer: Optional[Any]) -
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(sd, str(path / "model"))
     module = getattr(model, "module", model)
-    module.load_state_dict(loaded["model"], strict=False)
+    result = module.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in result.missing_keys if not (base_only and ".lora_" in k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {path}: state does not fit the model: missing {missing[:8]}, "
+                              f"unexpected {result.unexpected_keys[:8]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
@@ -195,22 +370,87 @@ def load_checkpoint(path: str | Path, *, model: Any, optimizer: Optional[Any]) -
     return state
 
 
-def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    """The checkpoint under ``output_dir`` with the highest step (``train.load: auto``),
-    or None when there is none. Directories without a readable ``trainer.json`` (a save
-    that did not finish) are passed over."""
-    best: Optional[tuple[int, float, Path]] = None
-    root = Path(output_dir)
-    if not root.is_dir():
+def _tensor_keys(model_sd: dict) -> set:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {getattr(v, "key", k) for k, v in model_sd.items() if not isinstance(v, ShardedObject)}
+
+
+# --------------------------------------------------------------------------- which one
+def _step_of(d: Path) -> Optional[int]:
+    try:
+        return int(read_trainer_state(d)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    for d in root.iterdir():
-        if not (d.is_dir() and d.name.startswith("checkpoint")):
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint directories under ``root``, including one renamed aside by a re-save
+    that was killed before the new one took its name (``.old-<name>-<nonce>``)."""
+    if not root.is_dir():
+        return []
+    return [d for d in root.iterdir() if d.is_dir() and (d.name.startswith("checkpoint") or d.name.startswith(_OLD))]
+
+
+def latest_checkpoint(output_dir: str | Path, *, exclude: Optional[Path] = None) -> Optional[Path]:
+    """The newest valid checkpoint under ``output_dir`` (``train.load: auto``), or None.
+
+    Valid: a manifest whose files are all present with their sizes (no hashing; loading
+    hashes). The one ``<output_dir>/latest`` names if valid, else the valid one with the
+    highest step. Raises ``CheckpointError`` if checkpoints exist but none is valid,
+    rather than let ``auto`` start afresh over them.
+    """
+    root = Path(output_dir)
+    skip = exclude.resolve() if exclude else None
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named.name and named.resolve() != skip and checkpoint_problem(named) is None:
+            return named
+    best: Optional[tuple[int, bool, float, Path]] = None
+    invalid = []
+    for d in _candidates(root):
+        if d.resolve() == skip:
             continue
-        try:
-            step = int(read_trainer_state(d)["step"])
-        except (OSError, ValueError, KeyError, TypeError):
+        problem = checkpoint_problem(d)
+        step = _step_of(d)
+        if problem or step is None:
+            invalid.append(f"{d.name} ({problem or 'no step in trainer.json'})")
             continue
-        key = (step, (d / "trainer.json").stat().st_mtime, d)
-        if best is None or key[:2] > best[:2]:
+        key = (step, not d.name.startswith(_OLD), d.stat().st_mtime, d)
+        if best is None or key[:3] > best[:3]:
             best = key
-    return best[2] if best else None
+    if best:
+        return best[3]
+    if invalid and exclude is None:
+        raise CheckpointError(f"{root}: no valid checkpoint, only {'; '.join(sorted(invalid))}. Load one "
+                              f"explicitly with train.load=<dir> once repaired (docs/checkpoints.md), or use "
+                              f"another train.output_dir")
+    return None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int, *, protect: Iterable[str | Path] = ()) -> list[Path]:
+    """Rank 0, after a successful save: delete the oldest complete ``checkpoint_step*``
+    beyond the newest ``keep`` (0 = keep all), never one in ``protect``; also remove
+    leftovers of killed saves (``.tmp-*``, and ``.old-<name>-*`` once ``<name>`` is
+    valid). Returns what was deleted."""
+    root = Path(output_dir)
+    kept = {Path(p).resolve() for p in protect}
+    deleted = []
+    for d in list(root.iterdir()) if root.is_dir() else []:
+        if not d.is_dir() or d.resolve() in kept:
+            continue
+        stale = d.name.startswith(_TMP) or (
+            d.name.startswith(_OLD) and checkpoint_problem(root / d.name[len(_OLD):].rsplit("-", 1)[0]) is None)
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            deleted.append(d)
+    if keep > 0:
+        complete = [(s, d) for d in root.glob("checkpoint_step*")
+                    if checkpoint_problem(d) is None and (s := _step_of(d)) is not None]
+        complete.sort(key=lambda sd: sd[0])
+        for _, d in complete[:-keep]:
+            if d.resolve() not in kept:
+                shutil.rmtree(d)
+                deleted.append(d)
+    return deleted

@@ -27,7 +27,7 @@ from chunkflow.config.loader import config_to_dict, dump_config
 from chunkflow.config.schema import Config
 from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
-from chunkflow.train.checkpoint import latest_checkpoint, save_checkpoint
+from chunkflow.train.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 from chunkflow.train.errors import load_checkpoint_checked
 from chunkflow.train.build import build_model_and_ddp, build_schedule
 from chunkflow.train.metrics import (MetricsWriter, PeakMemory, device_clock, gather_rank_stats,
@@ -290,8 +290,8 @@ class Trainer:
         if cfg.train.save_timeline:
             self._save_timeline()
         ckpt = None
-        if cfg.train.save_at_end:
-            ckpt = self.out_dir / "checkpoint"
+        if cfg.train.save_at_end:  # a new name: never the checkpoint this run loaded
+            ckpt = self.out_dir / f"checkpoint_step{self.step}"
             self.save(ckpt)
         return self._summary(first, last, tokens, elapsed, peak_mem, ckpt)
 
@@ -328,17 +328,31 @@ class Trainer:
             self.log(f"timeline of step {self.step}: {path}")
 
     def save(self, path: Path) -> None:
+        """Write ``path`` atomically (train/checkpoint.py), then prune to
+        ``train.keep_checkpoints``, sparing it and the checkpoint this run loaded."""
+        if self.loaded_from and Path(path).resolve() == Path(self.loaded_from).resolve():
+            raise RuntimeError(f"refusing to save over {path}: this run loaded it")
         state = {
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "config": config_to_dict(self.cfg),
         }
-        save_checkpoint(path, model=self.model, optimizer=self.optimizer, trainer_state=state, rank=self.ctx.rank)
+        extra = None
         if self.cfg.lora.enabled:  # the adapters on their own, any-layout (lora.load reads them)
             from chunkflow.model.lora import save_adapters
 
-            save_adapters(self.model, path / "adapter", rank=self.ctx.rank)
+            def extra(tmp: Path) -> None:
+                save_adapters(self.model, tmp / "adapter", rank=self.ctx.rank)
+
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, trainer_state=state, rank=self.ctx.rank,
+                        extra=extra)
+        if self.ctx.rank == 0:
+            protect = [path] + ([self.loaded_from] if self.loaded_from else [])
+            for gone in prune_checkpoints(self.out_dir, self.cfg.train.keep_checkpoints, protect=protect):
+                self.log(f"deleted {gone}")
+        if dist.is_initialized():
+            comm.barrier()
 
 
 def _fmt(value: Optional[float], spec: str, missing: str) -> str:
