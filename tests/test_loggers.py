@@ -1,0 +1,157 @@
+"""Watching a run (issue 17): TensorBoard / W&B sinks carry metrics.jsonl's numbers, a
+missing package stops the run at start with the fix, the ETA arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from _workers import TINY
+from chunkflow.config.loader import ConfigError
+from chunkflow.parallel.spawn import run_distributed
+from chunkflow.train.loggers import check_sink_packages, scalars
+from chunkflow.train.progress import Progress, eta_seconds, format_duration
+
+HAS_TB = importlib.util.find_spec("tensorboard") is not None
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
+
+
+def test_scalars_are_the_records_numbers_flat():
+    record = {"step": 3, "loss": 2.5, "tokens": 100, "mfu": None, "update_ok": True, "schedule": "chunkflow",
+              "stage_busy_fraction": [0.5, 0.75], "spaco_backprop_chunks": 4}
+    assert scalars(record) == {"loss": 2.5, "tokens": 100.0, "stage_busy_fraction/0": 0.5,
+                               "stage_busy_fraction/1": 0.75, "spaco_backprop_chunks": 4.0}
+
+
+@pytest.mark.parametrize("field,value,package", [("tensorboard", True, "tensorboard"),
+                                                 ("wandb_project", "proj", "wandb")])
+def test_missing_package_stops_the_trainer_before_it_builds_anything(monkeypatch, field, value, package):
+    from chunkflow.config import load_config
+    from chunkflow.train import loggers
+    from chunkflow.train.trainer import Trainer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    cfg = load_config(None, [f"log.{field}={'true' if value is True else value}"])
+    with pytest.raises(ConfigError, match=rf"log\.{field}=.* needs the '{package}' package.*pip install {package}"):
+        check_sink_packages(cfg.log)
+    # The trainer checks first: a bare context is enough, no process group or model is built.
+    ctx = SimpleNamespace(is_logging_rank=True)
+    with pytest.raises(ConfigError, match=f"pip install {package}"):
+        Trainer(cfg, ctx, log=lambda *a, **k: None)
+
+
+def test_eta_arithmetic():
+    assert eta_seconds(10.0, start_step=0, step=5, total_steps=20) == pytest.approx(30.0)
+    assert eta_seconds(10.0, start_step=10, step=15, total_steps=20) == pytest.approx(10.0)  # resumed at 10
+    assert eta_seconds(10.0, start_step=0, step=20, total_steps=20) == 0.0
+    assert eta_seconds(0.0, start_step=7, step=7, total_steps=20) is None  # no step timed yet
+    assert format_duration(3725.2) == "1:02:05" and format_duration(None) == "?"
+
+    now = [100.0]
+    out = io.StringIO()
+    p = Progress(40, 10, tty=True, stream=out, clock=lambda: now[0])
+    now[0] += 12.0  # 3 steps (11, 12, 13) in 12 s: 27 left at 4 s each
+    assert p.times(13) == (12.0, pytest.approx(108.0))
+    assert p.summary(13) == "elapsed 0:00:12  eta 0:01:48"
+    p.show({"step": 13, "loss": 1.5, "tokens_per_s_per_gpu": 800.0})
+    text = out.getvalue()
+    assert text.startswith("\r") and "\n" not in text and "13/40" in text and "eta 0:01:48" in text
+    p.clear()
+    assert out.getvalue().endswith("\r\033[K")
+    quiet = io.StringIO()
+    Progress(40, 0, tty=False, stream=quiet).show({"step": 1, "loss": 1.0})
+    assert quiet.getvalue() == ""  # not a terminal: only the periodic log lines
+
+
+def sinks_worker(rank: int, world: int, out: str, overrides: list[str]) -> dict:
+    from chunkflow.config import load_config
+    from chunkflow.parallel.distributed import init_distributed
+    from chunkflow.train.trainer import Trainer
+
+    cfg = load_config(None, list(TINY) + [
+        "train.schedule=chunkflow", "chunkflow.mode=spaco", "train.steps=3", "train.save_at_end=false",
+        "data.global_batch_size=4", f"train.output_dir={out}", *overrides])
+    ctx = init_distributed(cfg)
+    lines: list[str] = []
+    trainer = Trainer(cfg, ctx, log=lines.append)
+    summary = trainer.train()
+    return {"steps": summary["steps"], "lines": lines, "sinks_closed": trainer.sinks == []}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TB, reason="tensorboard is not installed (pip install tensorboard, or the dev extra)")
+def test_tensorboard_and_wandb_hold_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    overrides = ["log.tensorboard=true"]
+    if HAS_WANDB:
+        overrides += ["log.wandb_project=chunkflow-test", "log.wandb_run_name=tiny"]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
+    r = run_distributed(sinks_worker, 1, (str(out), overrides), timeout_s=600, env=env)[0]
+    assert r["steps"] == 3 and r["sinks_closed"]
+    assert "elapsed 0:" in r["lines"][-1] and "eta 0:00:00" in r["lines"][-1]  # the last step's log line
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    wanted = {"loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_s_per_gpu",
+              "peak_mem_allocated_bytes", "bubble_fraction", "dp_imbalance", "micro_batches",
+              "spaco_chunks", "spaco_backprop_chunks"}
+    assert wanted <= tags, wanted - tags
+    assert "mfu" not in tags  # null on CPU: left out, not written as 0
+    for tag in tags:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2, 3], tag
+        for e, row in zip(events, rows):  # event files store float32
+            assert e.value == pytest.approx(scalars(row)[tag], rel=1e-6, abs=1e-30), (tag, e.step)
+
+    if not HAS_WANDB:
+        pytest.skip("wandb is not installed (pip install wandb, or the watch extra): W&B half not checked")
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    history = _wandb_history(runs[0])
+    assert [h["_step"] for h in history] == [1, 2, 3]
+    for h, row in zip(history, rows):
+        logged = {k: v for k, v in h.items() if not k.startswith("_")}
+        assert logged == pytest.approx(scalars(row), rel=1e-12), row["step"]
+    assert wanted <= set(history[0])
+
+
+def _wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file. It is a LevelDB-style log: a 7-byte
+    header (``:W&B``, magic, version), then 32 KiB blocks of chunks, each with a 7-byte
+    header (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last); a
+    chunk header never straddles a block. Each whole record is a protobuf ``Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, buf, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
