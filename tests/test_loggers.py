@@ -155,3 +155,30 @@ def _wandb_history(path: Path) -> list[dict]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def _plot_run_module():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_run.py"
+    spec = importlib.util.spec_from_file_location("plot_run", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_run_draws_two_runs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot_run = _plot_run_module()
+    for name, schedule, mem in [("a", "megatron", 3 * 2**20), ("b", "chunkflow", 2 * 2**20)]:
+        rows = [{"step": s, "loss": 5.0 / s, "tokens_per_s_per_gpu": 100.0 * s, "peak_mem_allocated_bytes": mem,
+                 "schedule": schedule} for s in range(1, 6)]
+        rows[2]["loss"] = float("nan")  # a skipped step: left out, not a crash
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 6, "lo')
+    out = tmp_path / "plot.png"
+    assert plot_run.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    said = capsys.readouterr().out
+    assert "a (megatron), 5 steps" in said and "b (chunkflow), 5 steps" in said
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plot_run.main([str(tmp_path), "--out", str(out)])
