@@ -1,9 +1,10 @@
 """Draw loss, tokens/s per GPU and peak memory against the step for one or more runs.
 
-    python scripts/plot_run.py runs/megatron runs/chunkflow --out docs/images/runs.png
+    python scripts/plot_run.py runs/megatron runs/chunkflow --out docs/tiny_cpu_runs.png
 
 Each RUN_DIR is a ``train.output_dir``: its ``metrics.jsonl`` (docs/metrics.md) gives one
-point per step, and each run is labelled ``<dir name> (<schedule>)``. Three panels side
+point per step, and each run is labelled ``<dir name> (<schedule>)`` (the name alone when it
+is the schedule's). Three panels side
 by side share the step axis; steps whose loss is not finite (a skipped update) are left
 out of the loss panel.
 """
@@ -40,7 +41,8 @@ def read_run(run_dir: Path) -> list[dict]:
 
 
 def label(run_dir: Path, rows: list[dict]) -> str:
-    return f"{Path(run_dir).resolve().name} ({rows[-1].get('schedule', '?')})"
+    name, schedule = Path(run_dir).resolve().name, rows[-1].get("schedule", "?")
+    return name if name == schedule else f"{name} ({schedule})"
 
 
 def draw(runs: list[tuple[str, list[dict]]], out: str) -> None:
@@ -51,11 +53,12 @@ def draw(runs: list[tuple[str, list[dict]]], out: str) -> None:
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.2))
     for ax, (key, ylabel, scale) in zip(axes, PANELS):
-        for name, rows in runs:
+        for i, (name, rows) in enumerate(runs):
             points = [(r["step"], r[key] * scale) for r in rows
                       if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if points:
-                ax.plot(*zip(*points), marker=".", markersize=4, linewidth=1.2, label=name)
+                ax.plot(*zip(*points), marker=".", markersize=4, linewidth=1.2, label=name,
+                        linestyle=("-", "--", ":", "-.")[i % 4])  # equal curves stay visible
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
