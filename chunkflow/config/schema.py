@@ -249,7 +249,7 @@ class BenchConfig:
 class LogConfig:
     """Where a run's per-step metrics go besides ``metrics.jsonl`` (docs/metrics.md).
 
-    Both sinks are optional packages (``pip install chunkflow[watch]``), imported only when
+    Both sinks are optional packages (``pip install -e '.[watch]'``), imported only when
     enabled; a missing one stops the run at start with the ``pip install`` that fixes it.
     """
 

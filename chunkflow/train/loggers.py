@@ -69,7 +69,7 @@ def check_sink_packages(log: LogConfig) -> None:
             value = "true" if name == "tensorboard" else repr(getattr(log, name))
             raise ConfigError(
                 f"log.{name}={value} needs the '{package}' package, which is not installed: "
-                f"pip install {package} (or pip install 'chunkflow[watch]'), or turn log.{name} off")
+                f"pip install {package} (or, in a checkout, pip install -e '.[watch]'), or turn log.{name} off")
 
 
 class TensorBoardSink:
