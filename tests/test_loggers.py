@@ -84,29 +84,38 @@ def sinks_worker(rank: int, world: int, out: str, overrides: list[str]) -> dict:
     return {"steps": summary["steps"], "lines": lines, "sinks_closed": trainer.sinks == []}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TB, reason="tensorboard is not installed (pip install tensorboard, or the dev extra)")
-def test_tensorboard_and_wandb_hold_the_metrics(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+WANTED = {"loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_s_per_gpu",
+          "peak_mem_allocated_bytes", "bubble_fraction", "dp_imbalance", "micro_batches",
+          "spaco_chunks", "spaco_backprop_chunks"}
 
-    out = tmp_path / "run"
+
+@pytest.fixture(scope="module")
+def watched_run(tmp_path_factory):
+    """One 3-step SpaCO run (world 1) with every installed sink on: (output dir, result, rows)."""
+    if not HAS_TB:
+        pytest.skip("tensorboard is not installed (pip install tensorboard, or the dev extra)")
+    out = tmp_path_factory.mktemp("watched") / "run"
     overrides = ["log.tensorboard=true"]
     if HAS_WANDB:
         overrides += ["log.wandb_project=chunkflow-test", "log.wandb_run_name=tiny"]
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
     r = run_distributed(sinks_worker, 1, (str(out), overrides), timeout_s=600, env=env)[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, r, rows
+
+
+@pytest.mark.slow
+def test_tensorboard_events_equal_the_metrics(watched_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, r, rows = watched_run
     assert r["steps"] == 3 and r["sinks_closed"]
     assert "elapsed 0:" in r["lines"][-1] and "eta 0:00:00" in r["lines"][-1]  # the last step's log line
-
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    wanted = {"loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_s_per_gpu",
-              "peak_mem_allocated_bytes", "bubble_fraction", "dp_imbalance", "micro_batches",
-              "spaco_chunks", "spaco_backprop_chunks"}
-    assert wanted <= tags, wanted - tags
+    assert WANTED <= tags, WANTED - tags
     assert "mfu" not in tags  # null on CPU: left out, not written as 0
     for tag in tags:
         events = acc.Scalars(tag)
@@ -114,8 +123,11 @@ def test_tensorboard_and_wandb_hold_the_metrics(tmp_path):
         for e, row in zip(events, rows):  # event files store float32
             assert e.value == pytest.approx(scalars(row)[tag], rel=1e-6, abs=1e-30), (tag, e.step)
 
-    if not HAS_WANDB:
-        pytest.skip("wandb is not installed (pip install wandb, or the watch extra): W&B half not checked")
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install wandb, or the watch extra)")
+def test_wandb_offline_history_equals_the_metrics(watched_run):
+    out, _, rows = watched_run
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
     history = _wandb_history(runs[0])
@@ -123,7 +135,7 @@ def test_tensorboard_and_wandb_hold_the_metrics(tmp_path):
     for h, row in zip(history, rows):
         logged = {k: v for k, v in h.items() if not k.startswith("_")}
         assert logged == pytest.approx(scalars(row), rel=1e-12), row["step"]
-    assert wanted <= set(history[0])
+    assert WANTED <= set(history[0])
 
 
 def _wandb_history(path: Path) -> list[dict]:
