@@ -5,7 +5,7 @@ the logging rank::
 
     sinks = build_sinks(cfg, out_dir)      # [] when log.* enables none
     sink.write(record)                     # every number of the record, at record["step"]
-    sink.close()                           # end of the run, also when pre-empted
+    sink.close(failed)                     # end of the run (also pre-empted); failed: an error ended it
 
 A record's numbers become scalars under their own key (``loss``, ``tokens_per_s_per_gpu``,
 ``mfu``, ``spaco_backprop_chunks``, ...); a list of numbers (``stage_busy_fraction``)
@@ -30,7 +30,7 @@ __all__ = ["MetricSink", "TensorBoardSink", "WandbSink", "build_sinks", "check_s
 class MetricSink(Protocol):
     def write(self, record: dict) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -87,7 +87,7 @@ class TensorBoardSink:
             self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()  # a run killed mid-way still shows its steps
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -105,8 +105,8 @@ class WandbSink:
     def write(self, record: dict) -> None:
         self.run.log(scalars(record), step=int(record["step"]))
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B marks a failed run as such
 
 
 def build_sinks(cfg: Config, out_dir: Path) -> list[MetricSink]:

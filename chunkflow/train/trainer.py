@@ -253,17 +253,20 @@ class Trainer:
                      f"train.steps={cfg.train.steps} (raise train.steps to go on)")
             return self._summary(None, {}, 0, 0.0, 0, None, finished_before=True)
         self.guard = PreemptionGuard(cfg.train.preempt_signals) if cfg.train.preempt_signals else None
+        failed = True
         try:
-            return self._loop()
+            summary = self._loop()
+            failed = False
+            return summary
         finally:
             if self.guard is not None:
                 self.guard.restore()
-            self.close_sinks()
+            self.close_sinks(failed)
 
-    def close_sinks(self) -> None:
+    def close_sinks(self, failed: bool = False) -> None:
         """Flush and close the TensorBoard / W&B sinks (end of run, pre-emption or error)."""
         for sink in self.sinks:
-            sink.close()
+            sink.close(failed)
         self.sinks = []
 
     def _loop(self) -> dict:
