@@ -305,6 +305,7 @@ class Trainer:
                 if saved is None:
                     saved = self.out_dir / f"checkpoint_step{self.step}"
                     self.save(saved)
+                progress.clear()
                 self.log(f"pre-empted at step {self.step}: saved {saved}")
                 return self._summary(first, last, tokens, time.perf_counter() - t_start, peak_mem, saved,
                                      preempted=True)
