@@ -28,12 +28,17 @@ _install_torch() {  # $1 = venv. Torch first and pinned: an unpinned torch pulls
   fi
 }
 
+_drop_old_name() {  # $1 = venv. The distribution was "chunkflow" before it became chunkflow-megatron.
+  if "$1/bin/pip" show -q chunkflow >/dev/null 2>&1; then "$1/bin/pip" uninstall -q -y chunkflow; fi
+}
+
 setup() {
   local stamp="$VENV/.chunkflow-$(_stamp)"
   [ -f "$stamp" ] && return 0
   echo "== installing chunkflow into $VENV"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   _install_torch "$VENV"
+  _drop_old_name "$VENV"
   "$VENV/bin/pip" install -q -e ".[dev]"
   rm -f "$VENV"/.chunkflow-*
   touch "$stamp"
@@ -55,6 +60,7 @@ setup_mcore_new() {  # megatron-core 0.17+ declares Python >= 3.12; its wheel ru
     "$venv/bin/pip" install -q --no-deps --ignore-requires-python "megatron-core==$MCORE_NEW"
     "$venv/bin/pip" install -q numpy "packaging>=24.2" psutil
   fi
+  _drop_old_name "$venv"
   "$venv/bin/pip" install -q --no-deps -e .
   "$venv/bin/pip" install -q pyyaml tokenizers pytest hypothesis safetensors matplotlib "transformers>=4.45"
   rm -f "$venv"/.chunkflow-*

@@ -162,7 +162,7 @@ def test_pip_steps_resolve_for_the_images_python(tmp_path):
 
     (project_step,) = [w for w in installs if "." in w]
     (proj,) = _pip(*project_step, tmp=tmp_path)["install"]
-    assert proj["metadata"]["name"] == "chunkflow"
+    assert proj["metadata"]["name"] == "chunkflow-megatron"
 
     for name in ("transformer-engine", "flash-attn"):  # fallbacks: the pinned release exists
         (req,) = [r for w in installs for r in requirements(w) if canonicalize_name(r.name) == name]

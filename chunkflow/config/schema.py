@@ -22,6 +22,7 @@ __all__ = [
     "SpaCOConfig",
     "LoRAConfig",
     "BenchConfig",
+    "LogConfig",
     "Config",
     "SCHEDULES",
     "MODES",
@@ -248,6 +249,21 @@ class BenchConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's per-step metrics go besides ``metrics.jsonl`` (docs/metrics.md).
+
+    Both sinks are optional packages (``pip install -e '.[watch]'``), imported only when
+    enabled; a missing one stops the run at start with the ``pip install`` that fixes it.
+    """
+
+    tensorboard: bool = False  # TensorBoard event files under <train.output_dir>/tensorboard
+    # Weights & Biases project; empty = off. WANDB_MODE=offline keeps the run on disk
+    # (<train.output_dir>/wandb) for a later `wandb sync`.
+    wandb_project: str = ""
+    wandb_run_name: str = ""  # the run's name in W&B; empty = W&B picks one
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -256,3 +272,4 @@ class Config:
     chunkflow: ChunkFlowConfig = field(default_factory=ChunkFlowConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    log: LogConfig = field(default_factory=LogConfig)

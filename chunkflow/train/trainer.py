@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,11 +30,13 @@ from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.train.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 from chunkflow.train.errors import load_checkpoint_checked
+from chunkflow.train.loggers import build_sinks, check_sink_packages
 from chunkflow.train.build import build_model_and_ddp, build_schedule
 from chunkflow.train.metrics import (MetricsWriter, PeakMemory, device_clock, gather_rank_stats,
                                      resolve_peak_tflops, step_flops, throughput_metrics)
 from chunkflow.train.optim import build_optimizer, build_scheduler
 from chunkflow.train.preemption import PreemptionGuard
+from chunkflow.train.progress import Progress
 
 __all__ = ["Trainer", "NonFiniteError"]
 
@@ -48,6 +51,7 @@ class Trainer:
         # One rank speaks: the one that also writes metrics (last stage, first TP/DP rank).
         self.log = log if ctx.is_logging_rank else (lambda *a, **k: None)
         self.out_dir = Path(cfg.train.output_dir)
+        check_sink_packages(cfg.log)  # every rank: a missing tensorboard/wandb stops all at once
 
         from chunkflow.data.dataset import load_samples
         from chunkflow.data.loader import StepPlanLoader
@@ -73,6 +77,7 @@ class Trainer:
         # Steps after the checkpoint's are dropped from metrics.jsonl: they run again.
         self.metrics = MetricsWriter(self.out_dir, ctx.is_logging_rank,
                                      resume_step=self.step if self.loaded_from else None)
+        self.sinks = build_sinks(cfg, self.out_dir) if ctx.is_logging_rank else []  # log.*: TensorBoard, W&B
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.guard: Optional[PreemptionGuard] = None  # installed by train()
@@ -164,6 +169,8 @@ class Trainer:
         }
         record.update(getattr(result, "extra", {}) or {})
         self.metrics.write(record)
+        for sink in self.sinks:
+            sink.write(record)
         return record
 
     def _step_flags(self, loss_sum: float) -> tuple[bool, bool]:
@@ -246,11 +253,21 @@ class Trainer:
                      f"train.steps={cfg.train.steps} (raise train.steps to go on)")
             return self._summary(None, {}, 0, 0.0, 0, None, finished_before=True)
         self.guard = PreemptionGuard(cfg.train.preempt_signals) if cfg.train.preempt_signals else None
+        failed = True
         try:
-            return self._loop()
+            summary = self._loop()
+            failed = False
+            return summary
         finally:
             if self.guard is not None:
                 self.guard.restore()
+            self.close_sinks(failed)
+
+    def close_sinks(self, failed: bool = False) -> None:
+        """Flush and close the TensorBoard / W&B sinks (end of run, pre-emption or error)."""
+        for sink in self.sinks:
+            sink.close(failed)
+        self.sinks = []
 
     def _loop(self) -> dict:
         cfg = self.cfg
@@ -259,6 +276,8 @@ class Trainer:
         last: dict = {}
         tokens = 0
         peak_mem = 0
+        tty = self.ctx.is_logging_rank and self.log is print and sys.stdout.isatty()
+        progress = Progress(cfg.train.steps, self.step, tty=tty)
         while self.step < cfg.train.steps:
             rec = self.train_step()
             tokens += rec["tokens"]
@@ -266,6 +285,7 @@ class Trainer:
             first = first or rec
             last = rec
             if self.ctx.is_logging_rank and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps):
+                progress.clear()
                 self.log(
                     f"step {rec['step']:>5}/{cfg.train.steps}  loss {rec['loss']:.4f}  "
                     f"grad_norm {_fmt(rec['grad_norm'], '.3f', 'skipped')}  lr {rec['lr']:.2e}  "
@@ -273,8 +293,10 @@ class Trainer:
                     f"tflops/s/gpu {rec['tflops_per_s_per_gpu']:.4g}  "
                     + (f"mfu {100 * rec['mfu']:.1f}%  " if rec["mfu"] is not None else "")
                     + f"peak mem {rec['peak_mem_allocated_bytes'] / 2**30:.2f} GiB  "
-                    f"bubble {rec['bubble_fraction']:.2f}"
+                    f"bubble {rec['bubble_fraction']:.2f}  {progress.summary(self.step)}"
                 )
+            else:
+                progress.show(rec)
             saved = None
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
                 saved = self.out_dir / f"checkpoint_step{self.step}"
@@ -283,6 +305,7 @@ class Trainer:
                 if saved is None:
                     saved = self.out_dir / f"checkpoint_step{self.step}"
                     self.save(saved)
+                progress.clear()
                 self.log(f"pre-empted at step {self.step}: saved {saved}")
                 return self._summary(first, last, tokens, time.perf_counter() - t_start, peak_mem, saved,
                                      preempted=True)
