@@ -99,6 +99,7 @@ def _check_side(side: dict, timed: int) -> None:
 
 
 @pytest.mark.megatron
+@pytest.mark.once
 @pytest.mark.slow
 def test_script_sweep_pp2_writes_report_and_png(tmp_path):
     out = tmp_path / "bench.json"
@@ -124,6 +125,7 @@ def test_script_sweep_pp2_writes_report_and_png(tmp_path):
 
 
 @pytest.mark.megatron
+@pytest.mark.once
 @pytest.mark.slow
 def test_budget_decides_recompute_and_fit():
     report = run_distributed(_bench, 1, (TINY + ["parallel.pipeline=1", "bench.memory_budget_mb=0.001"],),
@@ -139,6 +141,7 @@ def test_budget_decides_recompute_and_fit():
 
 
 @pytest.mark.megatron
+@pytest.mark.once
 @pytest.mark.slow
 def test_loss_check_fails_when_math_differs():
     report = run_distributed(_bench, 1, (TINY + ["parallel.pipeline=1"], True), timeout_s=600)[0]

@@ -104,7 +104,7 @@ def test_bad_input():
         (["chunkflow.chunk_size=-8"], "positive integer"),
         (["chunkflow.chunk_size=2048"], "no larger than data.max_seq_len=1024"),
         (["parallel.tensor=2", "parallel.sequence_parallel=true", "chunkflow.chunk_size=255"],
-         "positive multiple of 2 no larger than data.max_seq_len=1024"),
+         "positive multiple of 2 (data.pad_to_multiple=1, parallel.tensor=2 with sequence parallelism)"),
     ],
 )
 def test_config_rejects_bad_chunk_size(overrides, valid):

@@ -20,7 +20,7 @@ import pytest
 
 from chunkflow.parallel.spawn import free_port
 
-pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+pytestmark = [pytest.mark.megatron, pytest.mark.slow, pytest.mark.once]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "qwen7b_32k.yaml"

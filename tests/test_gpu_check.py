@@ -38,6 +38,7 @@ def _table(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.megatron
+@pytest.mark.once
 @pytest.mark.slow
 def test_cpu_smoke_passes_and_reports(tmp_path):
     out = tmp_path / "x.json"
@@ -91,6 +92,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.megatron
+@pytest.mark.once
 @pytest.mark.slow
 def test_a_wrong_attention_mask_fails_the_right_checks(tmp_path):
     wrapper = tmp_path / "wrong_kernel.py"

@@ -16,7 +16,7 @@ import pytest
 from _workers import TINY
 from chunkflow.parallel.spawn import free_port, run_distributed
 
-pytestmark = [pytest.mark.megatron, pytest.mark.slow]
+pytestmark = [pytest.mark.megatron, pytest.mark.slow, pytest.mark.once]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"

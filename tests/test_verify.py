@@ -235,8 +235,9 @@ def _tiny_args() -> list:
 
 def _hf_model(path: Path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    # The tests' TINY sizes: model.hf_dir refuses an explicit field that disagrees with it.
+    config = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=160,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                       rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=False,
                                       max_position_embeddings=512)
     torch.manual_seed(3)
