@@ -4,7 +4,7 @@
     python scripts/bench_seco.py --lengths 1024,2048 bench.memory_budget_mb=64
     python scripts/bench_seco.py --config configs/seco_cpu.yaml --lengths 4096,8192
 
-One sample of L tokens per step, four ways, on the same weights (design §3):
+One sample of L tokens per step, four ways, on the same weights (docs/seco_spaco.md):
 
     full       plain full-sequence backprop (megatron-core's schedule, no recompute)
     recompute  the same with layer-wise activation recompute (train.recompute=full)

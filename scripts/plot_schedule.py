@@ -1,6 +1,6 @@
 """Draw a pipeline step's per-stage timeline as a PNG (and print its action table).
 
-    # what-if: sample lengths in units U, chunk size C in U (design §1 example)
+    # what-if: sample lengths in units U, chunk size C in U (docs/pipeline.md example)
     python scripts/plot_schedule.py --simulate --lengths 4,2,1,1 --chunk-size 2 --k 1 --stages 4
     # one global batch of the configured data (first DP rank's pipeline)
     python scripts/plot_schedule.py --config configs/tiny_cpu.yaml [--batch 0] [--dp 1] [key=value ...]

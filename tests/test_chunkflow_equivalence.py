@@ -1,4 +1,4 @@
-"""ChunkFlow's gradients equal full-sequence training (design §2.2, issue 4).
+"""ChunkFlow's gradients equal full-sequence training (docs/chunkflow.md, issue 4).
 
 Reference: megatron-core's stock schedule over packed micro-batches of whole samples on
 a TP=1/PP=1 model. Every ChunkFlow run loads the same weights into its own layout and

@@ -1,4 +1,4 @@
-"""ChunkFlow chunk construction (design §2.1) and the chunk-size validation."""
+"""ChunkFlow chunk construction (docs/chunkflow.md) and the chunk-size validation."""
 
 from __future__ import annotations
 

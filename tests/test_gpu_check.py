@@ -72,7 +72,7 @@ def test_cpu_smoke_passes_and_reports(tmp_path):
     assert report["environment"]["torch"] == torch.__version__
 
 
-# A wrong kernel: torch's top-left aligned causal mask, the bug design.md warns about.
+# A wrong kernel: torch's top-left aligned causal mask, the bug docs/chunkflow.md warns about.
 # Correct when sq == sk (packed rows), wrong for a dependent chunk over its prefix.
 WRONG_KERNEL = '''
 import sys, torch, torch.nn.functional as F

@@ -38,7 +38,7 @@ def test_flops_by_hand():
 
 
 def test_qwen25_7b_matches_design_figures():
-    """design.md §8: 6N = 42.4 GFLOP/token (N = 7.07B), causal attention ~19.7 GFLOP/token
+    """docs/metrics.md: 6N = 42.4 GFLOP/token (N = 7.07B), causal attention ~19.7 GFLOP/token
     at 32K and ~158 at 256K, Megatron's convention (torchtitan's would be twice that)."""
     m = load_config(str(ROOT / "configs" / "qwen7b_32k.yaml"), []).model
     n = matmul_params(m)

@@ -1,4 +1,4 @@
-"""State-aware 1F1B action tables (design §2.3, chunkflow.pipeline.plan)."""
+"""State-aware 1F1B action tables (docs/pipeline.md, chunkflow.pipeline.plan)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PP=1 state-aware order (design §2.2, chunkflow.scheduling.plan)."""
+"""The PP=1 state-aware order (docs/chunkflow.md, chunkflow.scheduling.plan)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SeCO is exact; SpaCO's Bernoulli sampler is unbiased and ``without_replacement`` is
-biased exactly as design §3 predicts (issue 6).
+biased exactly as docs/seco_spaco.md predicts (issue 6).
 
 How the SpaCO expectations are checked exactly: with every chunk back-propagated, loss
 factor 1 and hop factor h, the gradient is a polynomial in h whose coefficient q is the
@@ -181,7 +181,7 @@ def spaco_layouts(rank: int, world: int, layouts: list, state: dict, ref: dict) 
 
 # ----------------------------------------------------------------------------- pure tests
 def test_chain_weight_formula():
-    # design §3: 0.88 for one hop at k = 128, t = 8; Bernoulli is 1 for every q.
+    # docs/seco_spaco.md: 0.88 for one hop at k = 128, t = 8; Bernoulli is 1 for every q.
     assert expected_chain_weight(1, 128, 8, "without_replacement") == pytest.approx(0.875 / (127 / 128))
     assert round(expected_chain_weight(1, 128, 8, "without_replacement"), 2) == 0.88
     for q in range(6):

@@ -24,7 +24,7 @@ from chunkflow.pipeline.simulate import (
 from chunkflow.scheduling.plan import ChunkRef, Free
 from test_schedule_plan import chunks_of
 
-PAPER = [4, 2, 1, 1]  # design §1: lengths 4U, 2U, U, U, 4 stages
+PAPER = [4, 2, 1, 1]  # docs/pipeline.md: lengths 4U, 2U, U, U, 4 stages
 
 
 def test_paper_example_plain_1f1b_is_four_sevenths():

@@ -1,4 +1,4 @@
-"""Estimated cost of a row, and balancing work across data-parallel ranks (design §2.1.6).
+"""Estimated cost of a row, and balancing work across data-parallel ranks (docs/chunkflow.md).
 
 Cost model
 ----------

@@ -1,4 +1,4 @@
-"""ChunkFlow chunk construction (design.md §2.1): one global batch -> uniform chunks.
+"""ChunkFlow chunk construction (docs/chunkflow.md): one global batch -> uniform chunks.
 
 Pure: no process group, no torch. With chunk size C, a global batch becomes
 

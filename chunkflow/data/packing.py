@@ -21,7 +21,7 @@ piece of a long sample continues at ``start``::
 
 The packer (:func:`pack_lengths`) is first-fit-decreasing (FFD): lengths sorted longest
 first (ties by key, i.e. sample id), each placed into the first open bin with room, a new
-bin opened when none has room. design.md §2.1 phrases it as "try n = ceil(sum / C),
+bin opened when none has room. The ChunkFlow recipe phrases it as "try n = ceil(sum / C),
 n + 1, ... bins with first-fit-decreasing and stop at the first fit"; that search ends at
 exactly the FFD bin count (first-fit into n pre-opened bins behaves like plain FFD until
 plain FFD would open bin n + 1), so we run FFD once. When FFD is above the lower bound

@@ -1,6 +1,6 @@
 """Deterministic, long-tailed synthetic SFT data whose loss needs long-range attention.
 
-**Lengths** (:func:`synthetic_lengths`) follow the long-context SFT shape of design §1,
+**Lengths** (:func:`synthetic_lengths`) follow the long-tailed shape of long-context SFT data (LMSYS-Chat-1M, the Llama-3 report),
 with bands relative to ``M = max_seq_len`` (bounds for M = 1024, ``min_len`` = 8)::
 
     band     fraction (default)   lengths            M = 1024

@@ -1,4 +1,4 @@
-"""State-aware 1F1B (design §2.3): the pure per-stage action table of one pipeline.
+"""State-aware 1F1B (docs/pipeline.md): the pure per-stage action table of one pipeline.
 
 Input: the ordered micro-batches of one data-parallel pipeline (:class:`ChunkRef` s or
 the rank's rows; a long sample's chunks consecutive and ascending), ``num_stages`` p and

@@ -1,4 +1,4 @@
-"""State-aware chunk order at one pipeline stage (design §2.2): the single source of truth.
+"""State-aware chunk order at one pipeline stage (docs/chunkflow.md): the single source of truth.
 
 Pure: no torch, no process group. A data-parallel rank's micro-batches (its rows, in the
 data layer's order) are described by :class:`ChunkRef` s; :func:`plan_single_stage` turns

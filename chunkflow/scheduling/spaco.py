@@ -1,6 +1,6 @@
 """SpaCO: which chunks of a long sample are back-propagated, and by how much they count.
 
-SeCO (design §3) runs every chunk of a long sample forward (K/V into the state store),
+SeCO (docs/seco_spaco.md) runs every chunk of a long sample forward (K/V into the state store),
 then back-propagates every chunk in descending order: exact gradients. SpaCO forwards
 all chunks the same way but back-propagates only a random subset S of the k chunks and
 compensates for the rest. Pure: no torch, no process group.
