@@ -94,6 +94,17 @@ def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), cuda, tracker
 
 
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    """Install a state taken by :func:`_rng_state`."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+    if state[2] is not None:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state[2])
+
+
 @contextlib.contextmanager
 def _replayed_rng(state: Optional[tuple], device: torch.device) -> Iterator[None]:
     """Run with the random state ``state`` (from :func:`_rng_state`), then restore the current one."""
@@ -102,22 +113,10 @@ def _replayed_rng(state: Optional[tuple], device: torch.device) -> Iterator[None
         return
     now = _rng_state(device)
     try:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        if state[2] is not None:
-            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-            get_cuda_rng_tracker().set_states(state[2])
+        _set_rng_state(state, device)
         yield
     finally:
-        torch.set_rng_state(now[0])
-        if now[1] is not None:
-            torch.cuda.set_rng_state(now[1], device)
-        if now[2] is not None:
-            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-            get_cuda_rng_tracker().set_states(now[2])
+        _set_rng_state(now, device)
 
 
 @dataclass
