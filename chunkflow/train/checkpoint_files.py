@@ -36,6 +36,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 
+from chunkflow.config.errors import UserError
+
 __all__ = ["MANIFEST", "HASH", "CheckpointError", "hash_files", "write_manifest_entries", "write_manifest",
            "read_manifest", "list_files", "check_sizes", "verify_files", "read_dcp_metadata", "SafeFileSystemReader",
            "check_pickled_objects", "write_text_atomic"]
@@ -45,9 +47,10 @@ HASH = "blake2b"
 _BLOCK = 8 << 20  # bytes read per hash update
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that must not be loaded: incomplete, corrupt, unsafe, or not matching
-    the model. The message names the checkpoint and, where known, a valid one."""
+    the model. The message names the checkpoint and, where known, a valid one. A user
+    error (exit code 2, one line: ``chunkflow/train/errors.py``)."""
 
 
 # --------------------------------------------------------------------------- manifest

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from chunkflow.config.errors import USER_ERROR_EXIT, UserError
+from chunkflow.train.checkpoint_files import CheckpointError  # the one checkpoint error type
 
 __all__ = ["CheckpointError", "PeerFailure", "describe_failure", "report_failure", "is_peer_failure",
            "launcher_rank",
@@ -52,8 +53,6 @@ _PEER_MARKERS = ("timed out", "timeout", "connection closed", "connection reset"
                  "socket closed", "peer", "nccl communicator was aborted")
 
 
-class CheckpointError(UserError):
-    """``train.load`` names something this run cannot load; says the path and what differs."""
 
 
 class PeerFailure(RuntimeError):
