@@ -208,6 +208,11 @@ def _checkpoint_cases(t: Path, ckpt: Path) -> list[tuple[str, list[str], str]]:
     shutil.copytree(ckpt, corrupt)
     for shard in (corrupt / "model").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    vouched = t / "corrupt_vouched"  # the same damage under a manifest that agrees with it
+    shutil.copytree(corrupt, vouched)
+    from chunkflow.train.checkpoint_files import write_manifest
+
+    write_manifest(vouched)
     lying = _edit_trainer_json(ckpt, t / "lying", lambda s: s["config"]["model"].update(hidden_size=64))
     pp2 = _edit_trainer_json(ckpt, t / "pp2", lambda s: s["config"]["parallel"].update(pipeline=2))
     dopt = _edit_trainer_json(ckpt, t / "dopt", lambda s: s["config"]["train"].update(distributed_optimizer=True))
@@ -222,7 +227,8 @@ def _checkpoint_cases(t: Path, ckpt: Path) -> list[tuple[str, list[str], str]]:
          "checkpoint has hidden_size 128 (config has 64), ffn_hidden_size 344 (config has 96)"),
         ("ckpt_shape_mismatch_in_shards", [f"train.load={lying}", "model.hidden_size=64"],
          f"train.load={lying}: cannot read it into this model: a tensor's shape differs"),
-        ("ckpt_corrupt_shard", [f"train.load={corrupt}"], f"train.load={corrupt}: cannot read it into this model"),
+        ("ckpt_corrupt_shard", [f"train.load={corrupt}"], f"checkpoint {corrupt} is incomplete (file model/"),
+        ("ckpt_corrupt_shard_vouched", [f"train.load={vouched}"], f"train.load={vouched}: cannot read it into this model"),
         ("ckpt_optimizer_layout", [f"train.load={pp2}"],
          "optimizer state saved with parallel.tensor=1 pipeline=2, this run has tensor=1 pipeline=1"),
         ("ckpt_distributed_optimizer", [f"train.load={dopt}"], "saved with train.distributed_optimizer=true"),
@@ -301,7 +307,7 @@ AFTER_IDS = [c for c in (
     "blank_lines_only data_file_missing text_without_tokenizer tokenizer_missing tokenizer_garbage "
     "overlong_error no_assistant_turn bad_role text_not_string batch_larger_than_data "
     "ckpt_missing_dir ckpt_is_a_file ckpt_not_a_checkpoint ckpt_unfinished ckpt_no_step ckpt_other_model_shape "
-    "ckpt_shape_mismatch_in_shards ckpt_corrupt_shard ckpt_optimizer_layout ckpt_distributed_optimizer "
+    "ckpt_shape_mismatch_in_shards ckpt_corrupt_shard ckpt_corrupt_shard_vouched ckpt_optimizer_layout ckpt_distributed_optimizer "
     "hf_missing_tensor hf_wrong_shape hf_no_safetensors").split()]
 
 
