@@ -116,7 +116,9 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # JSONL file; empty = synthetic data
-    tokenizer: str = ""  # local tokenizer.json for "text" / "messages" samples
+    # Local tokenizer directory (tokenizer.json + optional tokenizer_config.json) or its
+    # tokenizer.json, for "text" / "prompt" / "messages" samples. See docs/data_formats.md.
+    tokenizer: str = ""
     max_seq_len: int = 1024  # longest sample (tokens) and Megatron micro-batch capacity
     global_batch_size: int = 16  # samples per optimizer step, across data-parallel ranks
     overlong: str = "error"  # what to do with a sample longer than max_seq_len: OVERLONG

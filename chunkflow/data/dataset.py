@@ -16,7 +16,7 @@ import numpy as np
 from chunkflow.config.schema import DataConfig
 from chunkflow.data.reader import DataError, read_jsonl
 from chunkflow.data.synthetic import band_bounds, make_synthetic
-from chunkflow.data.tokenizer import load_tokenizer
+from chunkflow.data.tokenizer import load_local_tokenizer
 from chunkflow.data.types import Sample
 
 __all__ = ["load_samples", "describe_lengths"]
@@ -25,7 +25,7 @@ __all__ = ["load_samples", "describe_lengths"]
 def load_samples(data_cfg: DataConfig, *, vocab_size: int) -> tuple[list[Sample], str]:
     """Read or generate every sample of the run; return them and a one-line description."""
     if data_cfg.path:
-        tokenizer = load_tokenizer(data_cfg.tokenizer) if data_cfg.tokenizer else None
+        tokenizer = load_local_tokenizer(data_cfg.tokenizer) if data_cfg.tokenizer else None
         samples, stats = read_jsonl(
             data_cfg.path,
             max_seq_len=data_cfg.max_seq_len,

@@ -1,18 +1,17 @@
 """Read a JSONL file of training samples into shifted :class:`Sample` objects.
 
-One sample per line, in one of three formats (blank lines are skipped; other keys on a
-line, such as ``"id"``, are ignored)::
+One sample per line (blank lines are skipped), in one of the record formats of
+:mod:`chunkflow.data.formats`::
 
-    {"input_ids": [1, 17, 5, 9], "loss_mask": [0, 0, 1, 1]}    # loss_mask optional
+    {"input_ids": [1, 17, 5, 9], "loss_mask": [0, 0, 1, 1]}    # or "labels", or neither
     {"text": "The quick brown fox"}                             # needs a tokenizer
+    {"prompt": "2 + 2 =", "response": " 4"}                     # needs a tokenizer
     {"messages": [{"role": "user", "content": "Hi"},            # needs a tokenizer
                   {"role": "assistant", "content": "Hello!"}]}
 
 Each line gives a raw token sequence ``d_0 .. d_n`` and a target mask: ``target[i]`` says
-whether token i is trained on (predicted). ``loss_mask`` gives it for ``input_ids``
-(all ones when absent), ``text`` trains every token, and ``messages`` trains the
-assistant turns only (template in ``chunkflow.data.tokenizer``). The sample is then
-shifted for next-token prediction::
+whether token i is trained on (predicted). The sample is then shifted for next-token
+prediction::
 
     d          1  17   5   9
     target     0   0   1   1
@@ -30,26 +29,20 @@ naming ``file:line``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from chunkflow.config.errors import UserError
 from chunkflow.config.schema import OVERLONG
-from chunkflow.data.tokenizer import ChatFormatError, ChatTemplate
+from chunkflow.data.errors import DataError
+from chunkflow.data.formats import FORMAT_KEYS, RecordEncoder, check_vocab
+from chunkflow.data.tokenizer import LocalTokenizer
 from chunkflow.data.types import Sample
 
 __all__ = ["DataError", "ReadStats", "read_jsonl", "FORMAT_KEYS"]
-
-FORMAT_KEYS = ("input_ids", "text", "messages")
-
-
-class DataError(UserError):
-    """A sample that cannot be used; the message starts with ``file:line``."""
 
 
 @dataclass
@@ -87,11 +80,13 @@ def read_jsonl(
     max_seq_len: int,
     vocab_size: int,
     overlong: str = "error",
-    tokenizer: Optional[Tokenizer] = None,
+    tokenizer: Union[LocalTokenizer, Tokenizer, None] = None,
     first_sample_id: int = 0,
+    encoder: Optional[RecordEncoder] = None,
 ) -> tuple[list[Sample], ReadStats]:
     """Read every sample of ``path``; sample ids count up from ``first_sample_id``.
 
+    Lines are encoded by ``encoder``, else by ``RecordEncoder(tokenizer)``.
     Raises :class:`DataError` on the first bad line (see the module docstring).
     """
     if overlong not in OVERLONG:
@@ -101,7 +96,8 @@ def read_jsonl(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (data.path)")
-    template = ChatTemplate(tokenizer) if tokenizer is not None else None
+    if encoder is None:
+        encoder = RecordEncoder(tokenizer)
     stats = ReadStats(path=str(path))
     samples: list[Sample] = []
     with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named by its number
@@ -112,8 +108,8 @@ def read_jsonl(
             if not line.strip():
                 stats.skipped_blank += 1
                 continue
-            tokens, target = _parse_line(line, where, tokenizer, template)
-            _check_sample(tokens, target, where, vocab_size)
+            tokens, target = encoder.encode(line, where)
+            check_vocab(tokens, where, vocab_size)
             stats.read += 1
             num_positions = len(tokens) - 1
             if num_positions > max_seq_len:
@@ -159,102 +155,3 @@ def _shift(tokens: np.ndarray, target: np.ndarray, sample_id: int) -> Sample:
         labels=tokens[1:].copy(),
         loss_mask=target[1:].astype(np.float32),
     )
-
-
-def _parse_line(
-    line: str, where: str, tokenizer: Optional[Tokenizer], template: Optional[ChatTemplate]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw tokens ``(n,) int64`` and target mask ``(n,) bool`` of one JSONL line."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: malformed JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    present = [key for key in FORMAT_KEYS if key in obj]
-    if not present:
-        found = ", ".join(sorted(obj)) or "none"
-        raise DataError(
-            f"{where}: none of the known keys {', '.join(FORMAT_KEYS)} (found: {found})"
-        )
-    if len(present) > 1:
-        raise DataError(f"{where}: has {' and '.join(present)}; give exactly one per line")
-    key = present[0]
-    if key != "input_ids" and "loss_mask" in obj:
-        raise DataError(f'{where}: "loss_mask" only goes with "input_ids", not "{key}"')
-    if key == "input_ids":
-        tokens = _int_array(obj["input_ids"], "input_ids", where)
-        if "loss_mask" not in obj:
-            return tokens, np.ones(len(tokens), dtype=bool)
-        return tokens, _mask_array(obj["loss_mask"], len(tokens), where)
-    if tokenizer is None or template is None:
-        raise DataError(
-            f'{where}: "{key}" samples need a tokenizer; set data.tokenizer to a local '
-            "tokenizer.json (or give input_ids)"
-        )
-    if key == "text":
-        if not isinstance(obj["text"], str):
-            raise DataError(f'{where}: "text" must be a string, got {type(obj["text"]).__name__}')
-        tokens = np.asarray(tokenizer.encode(obj["text"]).ids, dtype=np.int64)
-        return tokens, np.ones(len(tokens), dtype=bool)
-    try:
-        return template.render(obj["messages"])
-    except ChatFormatError as exc:
-        raise DataError(f"{where}: {exc}") from None
-
-
-def _int_array(values: object, name: str, where: str) -> np.ndarray:
-    bad = DataError(f'{where}: "{name}" must be a flat list of integer token ids')
-    if not isinstance(values, list):
-        raise bad
-    if not values:
-        return np.zeros(0, dtype=np.int64)
-    try:
-        array = np.asarray(values)
-    except (ValueError, OverflowError):
-        raise bad from None
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise bad
-    return array.astype(np.int64, copy=False)
-
-
-def _mask_array(values: object, length: int, where: str) -> np.ndarray:
-    bad = DataError(f'{where}: "loss_mask" must be a flat list of 0/1 values')
-    if not isinstance(values, list):
-        raise bad
-    if len(values) != length:
-        raise DataError(
-            f'{where}: "loss_mask" has {len(values)} values but "input_ids" has {length}; '
-            "they must have the same length"
-        )
-    try:
-        array = np.asarray(values)
-    except (ValueError, OverflowError):
-        raise bad from None
-    if array.ndim != 1 or (length and array.dtype.kind not in "biuf"):
-        raise bad
-    not_binary = (array != 0) & (array != 1)
-    if not_binary.any():
-        i = int(np.flatnonzero(not_binary)[0])
-        raise DataError(f'{where}: "loss_mask"[{i}] = {values[i]!r}; only 0 and 1 are allowed')
-    return array.astype(bool)
-
-
-def _check_sample(tokens: np.ndarray, target: np.ndarray, where: str, vocab_size: int) -> None:
-    if len(tokens) < 2:
-        raise DataError(
-            f"{where}: empty sample: {len(tokens)} token(s); a sample needs at least 2 "
-            "(one input and its label)"
-        )
-    outside = (tokens < 0) | (tokens >= vocab_size)
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        raise DataError(
-            f"{where}: token id {int(tokens[i])} at position {i} is outside "
-            f"[0, {vocab_size}) (model.vocab_size={vocab_size})"
-        )
-    if not target[1:].any():
-        raise DataError(
-            f"{where}: no loss token: nothing in this sample is trained on (loss_mask is 0 "
-            "everywhere after the first token, which is never a label)"
-        )
