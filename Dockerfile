@@ -28,7 +28,7 @@ RUN python -c "import torch; print(torch.__version__)" > /tmp/torch-version
 # megatron-core needs torch (kept), numpy and packaging; chunkflow's own dependencies are
 # pyproject.toml's minus torch and megatron-core, with the same bounds.
 RUN pip install --no-deps "megatron-core==${MEGATRON_CORE_VERSION}" \
- && pip install "numpy>=1.24" "pyyaml>=6.0" "psutil>=5.9" "tokenizers>=0.15" "packaging>=24.2" "safetensors>=0.4"
+ && pip install "numpy>=1.24" "pyyaml>=6.0" "psutil>=5.9" "tokenizers>=0.15" "packaging>=24.2" "safetensors>=0.4" "jinja2>=3.1.6"
 
 RUN python -c "import transformer_engine.pytorch" 2>/dev/null \
  || pip install --no-build-isolation "transformer-engine[pytorch]==${TRANSFORMER_ENGINE_VERSION}"

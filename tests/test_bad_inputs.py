@@ -181,6 +181,10 @@ def _data_cases(t: Path) -> list[tuple[str, list[str], str]]:
         ("bad_role", [d("br", {"messages": [{"role": "bot", "content": "x"}]}), f"data.tokenizer={tok}"],
          "br.jsonl:2: messages[0].role='bot'"),
         ("text_not_string", [d("ts", {"text": 5}), f"data.tokenizer={tok}"], 'ts.jsonl:2: "text" must be a string'),
+        ("empty_response", [d("er", {"prompt": "hello", "response": ""}), f"data.tokenizer={tok}"],
+         'er.jsonl:2: "response" is empty'),
+        ("labels_shifted", [d("ls", {"input_ids": [1, 2, 3], "labels": [2, 3, -100]})],
+         'ls.jsonl:2: "labels"[0] = 2 but "input_ids"[0] = 1'),
         ("batch_larger_than_data", [f"data.path={_data(t, 'few', [GOOD])}", "data.global_batch_size=2"],
          "data.global_batch_size=2 is larger than the dataset (1 samples)"),
     ]
@@ -305,7 +309,8 @@ AFTER_IDS = [c for c in (
     "malformed_json not_an_object no_known_key two_formats ids_not_list ids_floats ids_nested mask_length "
     "mask_value mask_with_text token_out_of_vocab negative_token one_token no_loss_token non_utf8 empty_file "
     "blank_lines_only data_file_missing text_without_tokenizer tokenizer_missing tokenizer_garbage "
-    "overlong_error no_assistant_turn bad_role text_not_string batch_larger_than_data "
+    "overlong_error no_assistant_turn bad_role text_not_string empty_response labels_shifted "
+    "batch_larger_than_data "
     "ckpt_missing_dir ckpt_is_a_file ckpt_not_a_checkpoint ckpt_unfinished ckpt_no_step ckpt_other_model_shape "
     "ckpt_shape_mismatch_in_shards ckpt_corrupt_shard ckpt_corrupt_shard_vouched ckpt_optimizer_layout ckpt_distributed_optimizer "
     "hf_missing_tensor hf_wrong_shape hf_no_safetensors").split()]

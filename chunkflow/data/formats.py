@@ -147,12 +147,13 @@ class RecordEncoder:
         return tokens, target
 
     def _messages(self, messages: object, where: str) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(self._chat, ChatTemplate):
-            _warn_chatml(self.tokenizer.source)
         try:
-            return self._chat.render(messages)
+            rendered = self._chat.render(messages)
         except ChatFormatError as exc:
             raise DataError(f"{where}: {exc}") from None
+        if isinstance(self._chat, ChatTemplate):  # after the checks: a bad line's error stays one line
+            _warn_chatml(self.tokenizer.source)
+        return rendered
 
 
 def check_vocab(tokens: np.ndarray, where: str, vocab_size: int) -> None:
