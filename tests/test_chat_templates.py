@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from chunkflow.data import formats
 from chunkflow.data.formats import RecordEncoder
 from chunkflow.data.reader import DataError, read_jsonl
-from chunkflow.data.tokenizer import load_local_tokenizer
+from chunkflow.data.tokenizer import TokenizerError, load_local_tokenizer
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 CORPUS = [
@@ -275,3 +275,14 @@ def test_labels_are_aligned_like_hugging_face(tmp_path):
     (sample,), _ = read_jsonl(path, max_seq_len=16, vocab_size=100)
     assert sample.input_ids.tolist() == [5, 6, 7] and sample.labels.tolist() == [6, 7, 8]
     assert sample.loss_mask.tolist() == [0.0, 1.0, 1.0]  # same as loss_mask [0, 0, 1, 1]
+
+
+def test_reader_appends_eos_to_text_and_refuses_an_unknown_eos(model_dir, tmp_path):
+    name, folder = model_dir
+    path = write(tmp_path, [{"text": "the lazy dog"}])
+    tok = load_local_tokenizer(folder)
+    (sample,), _ = read_jsonl(path, max_seq_len=64, vocab_size=400, tokenizer=tok)
+    assert sample.labels[-1] == tok.eos_id and sample.loss_mask[-1] == 1.0
+    bad = build_tokenizer(tmp_path / "bad", MODELS[name][1], {"eos_token": "</s>"}, None)
+    with pytest.raises(TokenizerError, match=r"eos_token '</s>' of .*tokenizer_config.json is not a token"):
+        load_local_tokenizer(bad)

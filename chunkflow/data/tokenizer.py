@@ -111,6 +111,12 @@ def load_local_tokenizer(path: str | Path, *, setting: str = "data.tokenizer") -
         value = _token_text(config.get(name, special.get(name)))
         if value:
             names[name] = value
+    eos = names.get("eos_token")
+    if eos and tokenizer.token_to_id(eos) is None:
+        raise TokenizerError(
+            f"{setting}={str(path)!r}: eos_token {eos!r} of {folder / 'tokenizer_config.json'} "
+            "is not a token of tokenizer.json; fix the config or give matching files"
+        )
     template_file = folder / "chat_template.jinja"
     if template_file.is_file():
         template: object = template_file.read_text(encoding="utf-8")
