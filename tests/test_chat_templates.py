@@ -46,7 +46,13 @@ CHATS = [
      {"role": "assistant", "content": "how are you today?\n\nthe lazy dog"},
      {"role": "user", "content": " Paris?"},
      {"role": "assistant", "content": "Paris is the capital of France."}],
+    [{"role": "user", "content": "What is 2 + 2?"},  # a tool call (Qwen renders it as JSON)
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]},
+     {"role": "tool", "content": "4"},
+     {"role": "assistant", "content": "It is 4."}],
 ]
+QWEN_TOOL_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call>'
 
 
 def build_tokenizer(folder: Path, specials: list[str], names: dict, template: str | None,
@@ -112,7 +118,8 @@ def test_template_ids_match_transformers_and_mask_is_the_assistant_turns(model_d
     assert tokens.tolist() == list(expected)
     tok = encoder.tokenizer.tokenizer
     assert tok.token_to_id(end_of_turn) in tokens.tolist()  # a single special token
-    replies = [m["content"].strip() if name == "llama3" else m["content"]
+    replies = [m["content"].strip() if name == "llama3" else
+               (QWEN_TOOL_CALL if m.get("tool_calls") else m["content"])
                for m in messages if m["role"] == "assistant"]
     trained = [tok.decode(tokens[a:b].tolist(), skip_special_tokens=False) for a, b in runs(target)]
     assert trained == [reply + end_of_turn for reply in replies]

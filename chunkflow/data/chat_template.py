@@ -167,7 +167,8 @@ class JinjaChatTemplate:
     def render(self, messages: object) -> tuple[np.ndarray, np.ndarray]:
         """Token ids ``(n,) int64`` and target mask ``(n,) bool`` of one conversation."""
         check_messages(messages)
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # type: ignore[union-attr]
+        # Keys set to None are dropped, as apply_chat_template does.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # type: ignore
         if self._markers:
             spans: list[tuple[int, int]] = []
             text = self._render(messages, False, spans)

@@ -89,7 +89,9 @@ class RecordEncoder:
                 self._chat = ChatTemplate(tok)
 
     @classmethod
-    def from_path(cls, path: Union[str, Path, None], *, setting: str = "data.tokenizer") -> "RecordEncoder":
+    def from_path(
+        cls, path: Union[str, Path, None], *, setting: str = "data.tokenizer"
+    ) -> "RecordEncoder":
         """Load the tokenizer at ``path`` (directory or ``tokenizer.json``); None/"" = none."""
         return cls(load_local_tokenizer(path, setting=setting) if path else None)
 
@@ -151,7 +153,8 @@ class RecordEncoder:
             rendered = self._chat.render(messages)
         except ChatFormatError as exc:
             raise DataError(f"{where}: {exc}") from None
-        if isinstance(self._chat, ChatTemplate):  # after the checks: a bad line's error stays one line
+        # Warned after the checks, so a bad line's error stays one line.
+        if isinstance(self._chat, ChatTemplate):
             _warn_chatml(self.tokenizer.source)
         return rendered
 

@@ -122,7 +122,7 @@ def load_local_tokenizer(path: str | Path, *, setting: str = "data.tokenizer") -
         template: object = template_file.read_text(encoding="utf-8")
     else:
         template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is not None and not isinstance(template, str):
