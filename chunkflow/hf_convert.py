@@ -378,8 +378,16 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
         raise
     if source:
         _copy_side_files(source, out_dir)
-    elif saved.get("data", {}).get("tokenizer") and Path(saved["data"]["tokenizer"]).is_file():
-        shutil.copyfile(saved["data"]["tokenizer"], out_dir / "tokenizer.json")
+    elif saved.get("data", {}).get("tokenizer"):
+        # data.tokenizer is a tokenizer directory (its chat template and special tokens
+        # travel with it) or a bare tokenizer.json.
+        tok = Path(saved["data"]["tokenizer"])
+        if tok.is_dir():
+            for name in TOKENIZER_FILES:  # config.json is written below, from the model
+                if (tok / name).is_file():
+                    shutil.copyfile(tok / name, out_dir / name)
+        elif tok.is_file():
+            shutil.copyfile(tok, out_dir / "tokenizer.json")
     config = hf_config_from_model(m, base, out_dtype, saved.get("data", {}).get("max_seq_len", 4096))
     write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return files
