@@ -17,7 +17,15 @@ runs one stage's table and is the only place where these concerns are implemente
   sample to back-propagate; every stage draws the same choice (seeded by step and
   sample), so the stages' tables stay matched;
 * **communication**: a ``Comm`` step posts its sends and receives together
-  (``batch_isend_irecv``); buffers live on the stage's device;
+  (``batch_isend_irecv``, buffers placed by ``chunkflow.parallel.comm``) and waits for
+  none of them: a received tensor is waited for right before the compute that reads it,
+  sends one ``Comm`` later. A ``Comm`` of receives alone is posted before the compute
+  ahead of it (megatron's ``overlap_p2p_comm``), so its data arrives during that compute;
+  no op moves past another, so every channel keeps the plan's order (NCCL-safe) and
+  ``check_progress``'s deadlock proof still holds (waits only come later);
+* **gradient reduction**: every backward but the stage's last one that reaches the
+  parameters runs under ``config.no_sync_func``; with megatron DDP's
+  ``overlap_grad_reduce`` each bucket's reduction starts during that last backward;
 * **timing** (:class:`~chunkflow.scheduling.step.SpanTimer`) and memory figures.
 
 Two front ends share it: :class:`ChunkFlowSchedule` (the trainer's ``run(rows)``) and
