@@ -164,6 +164,11 @@ class TrainConfig:
     nonfinite: str = "abort"
     max_skipped: int = 10
     distributed_optimizer: bool = False
+    # Start each gradient bucket's data-parallel reduction during the step's last
+    # backward (megatron DDP's overlap_grad_reduce), instead of after it; buckets of
+    # grad_bucket_params parameters (0 = megatron's default, max(4e7, 1e6 x DP)).
+    overlap_grad_reduce: bool = True
+    grad_bucket_params: int = 0
     # fp16 only: the dynamic loss scale's starting value (halved on overflow, the step
     # then skipped). megatron's own default, 2**32, skips ~30 steps before the first
     # update; 2**16 (torch's GradScaler default) starts training at once.

@@ -82,6 +82,7 @@ NUMBER_RULES: dict[str, Rule] = {
     "train.initial_loss_scale": POSITIVE,
     "train.peak_tflops": NON_NEGATIVE,
     "train.max_skipped": INT_GE1,
+    "train.grad_bucket_params": INT_GE0,
     "chunkflow.k": INT_GE1,
     "lora.rank": INT_GE1,
     "lora.alpha": POSITIVE,

@@ -20,9 +20,10 @@ On CUDA machines :func:`chunkflow.parallel.distributed.init_distributed` also cr
 the world with ``backend="cpu:gloo,cuda:nccl"``: megatron's sub-groups are made by
 ``torch.distributed.new_group(backend=None)``, which inherits the default group's
 backend string, so a stray CPU tensor in a collective of theirs or ours goes through
-gloo by design instead of raising. The pipeline executor's p2p
-(``chunkflow/pipeline/executor.py``) stays direct: its buffers are allocated on the
-stage's device, which is what its group takes.
+gloo by design instead of raising. The pipeline executor posts its p2p itself
+(``chunkflow/pipeline/executor.py``, asynchronously, to overlap it with compute), with
+buffers placed by this module: sends through :func:`p2p_placed`, receive buffers
+allocated on :func:`comm_device`.
 
 The guard, and what it proves on a machine without a GPU
 ---------------------------------------------------------
@@ -59,6 +60,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DeviceRuleError", "STRICT_ENV", "all_gather", "all_gather_into", "all_gather_object", "all_reduce",
+    "p2p_placed",
     "backend_devices", "barrier", "broadcast", "comm_device", "gather_object",
     "install_strict_checks", "reduce_scalars", "strict_requested",
 ]
@@ -99,6 +101,13 @@ def comm_device(group: Any = None, prefer: Optional[torch.device] = None) -> tor
 def _placed(t: torch.Tensor, group: Any) -> torch.Tensor:
     device = comm_device(group, prefer=t.device)
     return t if t.device.type == device.type else t.to(device)
+
+
+def p2p_placed(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """``t`` on the device ``group``'s backend takes, for a point-to-point send (no copy
+    when it already is); the executor allocates its receive buffers on
+    ``comm_device(group, prefer=stage device)`` likewise."""
+    return _placed(t, group)
 
 
 def all_reduce(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> torch.Tensor:

@@ -17,7 +17,15 @@ runs one stage's table and is the only place where these concerns are implemente
   sample to back-propagate; every stage draws the same choice (seeded by step and
   sample), so the stages' tables stay matched;
 * **communication**: a ``Comm`` step posts its sends and receives together
-  (``batch_isend_irecv``); buffers live on the stage's device;
+  (``batch_isend_irecv``, buffers placed by ``chunkflow.parallel.comm``) and waits for
+  none of them: a received tensor is waited for right before the compute that reads it,
+  sends one ``Comm`` later. A ``Comm`` of receives alone is posted before the compute
+  ahead of it (megatron's ``overlap_p2p_comm``), so its data arrives during that compute;
+  no op moves past another, so every channel keeps the plan's order (NCCL-safe) and
+  ``check_progress``'s deadlock proof still holds (waits only come later);
+* **gradient reduction**: every backward but the stage's last one that reaches the
+  parameters runs under ``config.no_sync_func``; with megatron DDP's
+  ``overlap_grad_reduce`` each bucket's reduction starts during that last backward;
 * **timing** (:class:`~chunkflow.scheduling.step.SpanTimer`) and memory figures.
 
 Two front ends share it: :class:`ChunkFlowSchedule` (the trainer's ``run(rows)``) and
@@ -51,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from chunkflow.data.types import PackedRow
+from chunkflow.parallel import comm as comm_mod
 from chunkflow.model.batch import RowTensors, row_to_tensors
 from chunkflow.model.loss import masked_loss, token_losses
 from chunkflow.pipeline.plan import Comm, PipelinePlan, build_pipeline_plan
@@ -119,6 +128,30 @@ def _replayed_rng(state: Optional[tuple], device: torch.device) -> Iterator[None
         _set_rng_state(now, device)
 
 
+class _Posted:
+    """The requests of one posted ``Comm``. gloo (no coalescing) returns one request per op,
+    so a receive waits for itself alone; NCCL returns the batch's coalesced request(s), and
+    waiting for them (a stream dependency, not a host wait) covers every op of the batch."""
+
+    def __init__(self, ops: list, works: list):
+        self.ops, self.works = ops, list(works)
+        self.per_op = len(self.works) == len(ops)
+        self.done: set[int] = set()
+
+    def wait_op(self, i: int) -> None:
+        for j in ([i] if self.per_op else range(len(self.works))):
+            if j not in self.done:
+                self.works[j].wait()
+                self.done.add(j)
+
+    def wait_all(self) -> None:
+        for j in range(len(self.works)):
+            if j not in self.done:
+                self.works[j].wait()
+                self.done.add(j)
+        self.ops = []  # the send buffers may go
+
+
 @dataclass
 class _Outcome:
     reports: list  # loss_func reports of this stage (last stage only)
@@ -151,6 +184,9 @@ class ChunkExecutor:
         self.dtype = config.pipeline_dtype or config.params_dtype
         self.seq_div = tp_size if config.sequence_parallel else 1
         self.pad_multiple = pad_multiple
+        # Post receives ahead of the compute before them and wait for sends later (False:
+        # every Comm waits for all its ops at once; kept to measure the difference).
+        self.overlap_p2p = True
 
     # ------------------------------------------------------------------ planning
     def select(self, rows: Sequence[PackedRow], step: int) -> dict[Hashable, Selection]:
@@ -172,20 +208,36 @@ class ChunkExecutor:
     def _shape(self, row: PackedRow) -> tuple[int, int, int]:
         return (self._padded(len(row)) // self.seq_div, 1, self.config.hidden_size)
 
-    def _communicate(self, comm: Comm, rows: Sequence[PackedRow], outbox: dict, inbox: dict) -> None:
-        ops, received = [], []
+    def _post(self, comm: Comm, rows: Sequence[PackedRow], outbox: dict, inbox: dict) -> "_Posted":
+        """Post one ``Comm``'s sends and receives together; wait for none of them.
+
+        A received tensor lands in ``inbox`` as ``(tensor, posted)``: :meth:`_Posted.wait_recv`
+        waits for it right before the compute that reads it. The sends are waited on by
+        the caller at the next ``Comm`` (their buffers stay referenced until then).
+        """
+        ops, kinds = [], []
         for op in comm.ops:
             peer = dist.get_global_rank(self.group, op.peer)
             if op.op == "send":
-                ops.append(dist.P2POp(dist.isend, outbox.pop((op.payload, op.mb)), peer, group=self.group))
+                t = comm_mod.p2p_placed(outbox.pop((op.payload, op.mb)), self.group)
+                ops.append(dist.P2POp(dist.isend, t, peer, group=self.group))
+                kinds.append(None)
             else:
-                t = torch.empty(self._shape(rows[op.mb]), dtype=self.dtype, device=self.device)
+                t = torch.empty(self._shape(rows[op.mb]), dtype=self.dtype,
+                                device=comm_mod.comm_device(self.group, prefer=self.device))
                 ops.append(dist.P2POp(dist.irecv, t, peer, group=self.group))
-                received.append(((op.payload, op.mb), t))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        inbox.update(received)
+                kinds.append((op.payload, op.mb))
+        posted = _Posted(ops, dist.batch_isend_irecv(ops) if ops else [])
+        for i, key in enumerate(kinds):
+            if key is not None:
+                inbox[key] = (ops[i].tensor, posted, i)
+        return posted
+
+    def _received(self, inbox: dict, key: tuple) -> torch.Tensor:
+        """The tensor received under ``key``, waiting for its receive only now."""
+        t, posted, i = inbox.pop(key)
+        posted.wait_op(i)
+        return t if t.device == self.device else t.to(self.device)
 
     @staticmethod
     def _context(row: PackedRow, store: StateStore, hop: float) -> Optional[ChunkContext]:
@@ -249,20 +301,65 @@ class ChunkExecutor:
                     num_tokens = num_tokens + count.to(device=self.device, dtype=torch.int)
             return loss
 
-        with meter if meter is not None else contextlib.nullcontext():
-            for st in steps:
+        # Gradient reduction (megatron's DDP, overlap_grad_reduce): the buckets' all-reduce
+        # (or reduce-scatter) may start only in this stage's last backward that reaches the
+        # parameters; every earlier backward runs under ``no_sync``, as in megatron's 1F1B.
+        last_bw = max((i for i, st in enumerate(steps)
+                       if isinstance(st.action, Backward) and len(rows[st.action.mb])), default=-1)
+        no_sync = contextlib.ExitStack()
+        if cfg.no_sync_func is not None:
+            no_sync.enter_context(cfg.no_sync_func())
+        early: set[int] = set()  # Comm steps posted ahead of the compute before them
+        sends: list[_Posted] = []  # posted batches whose sends are not yet waited for
+
+        def post(i: int) -> None:
+            comm = steps[i].action
+            posted = self._post(comm, rows, outbox, inbox)
+            if not self.overlap_p2p:
+                posted.wait_all()
+            elif any(op.op == "send" for op in comm.ops):
+                # Sends posted one Comm ago have long been received: wait for them now
+                # (bounds the buffers kept alive to two batches). Deferring the waits
+                # keeps the table deadlock-free: pipeline.plan.check_progress proves it
+                # even with rendezvous sends waited at their own Comm.
+                for old in sends:
+                    old.wait_all()
+                sends[:] = [posted]
+
+        def next_comm(i: int) -> Optional[int]:
+            """Index of the Comm between compute step i and the next compute, if any."""
+            for j in range(i + 1, len(steps)):
+                if isinstance(steps[j].action, Comm):
+                    return j
+                if not isinstance(steps[j].action, Free):
+                    return None
+            return None
+
+        with meter if meter is not None else contextlib.nullcontext(), no_sync:
+            for i, st in enumerate(steps):
                 act = st.action
                 if isinstance(act, Comm):
-                    self._communicate(act, rows, outbox, inbox)
+                    if i not in early:
+                        post(i)
                     continue
                 if isinstance(act, Free):
                     store.free(act.sample)
                     continue
+                if self.overlap_p2p:
+                    # Receives for the next compute go out before this one runs (megatron's
+                    # overlap_p2p_comm): only a Comm of receives alone can move ahead of
+                    # this compute, so every channel's op order is unchanged.
+                    j = next_comm(i)
+                    if j is not None and all(op.op == "recv" for op in steps[j].action.ops):
+                        post(j)
+                        early.add(j)
+                if i == last_bw:
+                    no_sync.close()  # this backward starts the gradient reduction
                 mb, t0 = act.mb, timer.start()
                 if isinstance(act, (Forward, Recompute)):
                     keep = isinstance(act, Recompute) or act.keep_graph
                     if isinstance(act, Forward):
-                        inp = None if self.first else inbox.pop(("activation", mb))
+                        inp = None if self.first else self._received(inbox, ("activation", mb))
                         rng = None
                         if mb in recomputed:  # rebuilt later: keep its input and random state
                             cached[mb] = (inp, _rng_state(self.device))
@@ -279,7 +376,7 @@ class ChunkExecutor:
                 else:  # Backward
                     row = rows[mb]
                     inp, out = live.pop(mb)
-                    grad = None if self.last else inbox.pop(("grad", mb))
+                    grad = None if self.last else self._received(inbox, ("grad", mb))
                     if self.last:
                         if cfg.grad_scale_func is not None:
                             out = cfg.grad_scale_func(out)
@@ -294,7 +391,11 @@ class ChunkExecutor:
                 timer.stop(t0, kind=type(act).__name__.lower(), mb=mb,
                            graph=not isinstance(act, Forward) or act.keep_graph)
                 peak_state = max(peak_state, store.nbytes())
-        assert not live and not outbox and not cached, "the plan left work undone on this stage"
+        for old in sends:
+            old.wait_all()
+        assert not live and not outbox and not cached and not inbox, "the plan left work undone on this stage"
+        if last_bw < 0 and _overlaps_grad_reduce(model):
+            model.start_grad_sync()  # no backward reached the parameters: start it here
         if cfg.finalize_model_grads_func is not None:
             cfg.finalize_model_grads_func([model], num_tokens if cfg.calculate_per_token_loss else None)
         busy, wall, timeline = timer.finish()
@@ -327,6 +428,11 @@ class ChunkExecutor:
         plan = build_pipeline_plan(rows, self.num_stages, self.k)
         zero = torch.zeros((), dtype=torch.int, device=self.device)
         return _Outcome(reports, zero, busy, wall, timeline, plan, {}, 0, None)
+
+
+def _overlaps_grad_reduce(model: Any) -> bool:
+    ddp_config = getattr(model, "ddp_config", None)
+    return bool(getattr(ddp_config, "overlap_grad_reduce", False))
 
 
 def _sum_reports(reports: list) -> tuple[float, int]:

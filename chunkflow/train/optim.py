@@ -16,9 +16,15 @@ __all__ = ["wrap_ddp", "build_optimizer", "build_scheduler"]
 
 
 def wrap_ddp(model: torch.nn.Module, tc: TransformerConfig, cfg: Config) -> DistributedDataParallel:
+    """megatron's DDP. ``train.overlap_grad_reduce``: each bucket's all-reduce (or
+    reduce-scatter, distributed optimizer) starts asynchronously as soon as the step's
+    last backward has produced its gradients, overlapping the rest of that backward; both
+    schedules run every earlier backward under ``config.no_sync_func``. Bucket size:
+    ``train.grad_bucket_params`` parameters (0 = megatron's default, max(4e7, 1e6 x DP))."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.model.dtype in ("bf16", "fp16"),
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=cfg.train.overlap_grad_reduce,
+        bucket_size=cfg.train.grad_bucket_params or None,
         use_distributed_optimizer=cfg.train.distributed_optimizer,
     )
     return DistributedDataParallel(config=tc, ddp_config=ddp_config, module=model)
