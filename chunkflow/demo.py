@@ -17,12 +17,14 @@ parallel.pipeline) through ``chunkflow.parallel.launch``. Every rank then:
     3. prints, on the logging rank, both schedules' figures on those batches::
 
            the same 8 global batches (steps 1-8) under both schedules:
-                                               chunkflow C=256 K=1    megatron 1F1B
-             tokens/s                                       3,512            3,100  (1.13x)
-             peak activation memory (max rank)           18.2 MiB         52.0 MiB  (0.35x)
-             bubble                                          0.33             0.41
-             loss                     agrees to 2.1e-07 relative (max over steps 1-8)
+                                                  chunkflow C=256 K=1    megatron 1F1B
+             tokens/s                                             972              968  (1.00x)
+             peak activation memory (max rank)               14.8 MiB         38.0 MiB  (0.39x)
+             bubble                                              0.44             0.50
+             loss                              agrees to 1.2e-07 relative (max over steps 1-8; fp32)
            timeline of step 8 (measured, both schedules): runs/tiny_cpu/timeline.png
+
+       (configs/tiny_cpu.yaml on 2 shared CPU cores)
 
 tokens/s: the steps' global-batch tokens over their synchronised step time, step 1
 (warm-up) left out. Activation memory is metered alike on both sides on every rank
