@@ -13,7 +13,8 @@
 FROM nvcr.io/nvidia/pytorch:25.12-py3
 
 ARG MEGATRON_CORE_VERSION=0.19.2
-# Used only if the image lacks them (NGC images ship both); both build against its torch.
+# Used only if the image lacks them; both build against its torch. The pair of
+# pyproject.toml's [gpu] extra (transformer-engine 2.10.0 is 25.12's own, for CUDA 13).
 ARG TRANSFORMER_ENGINE_VERSION=2.10.0
 ARG FLASH_ATTN_VERSION=2.8.3
 
@@ -31,7 +32,7 @@ RUN pip install --no-deps "megatron-core==${MEGATRON_CORE_VERSION}" \
  && pip install "numpy>=1.24" "pyyaml>=6.0" "psutil>=5.9" "tokenizers>=0.15" "packaging>=24.2" "safetensors>=0.4" "jinja2>=3.1.6"
 
 RUN python -c "import transformer_engine.pytorch" 2>/dev/null \
- || pip install --no-build-isolation "transformer-engine[pytorch]==${TRANSFORMER_ENGINE_VERSION}"
+ || pip install --no-build-isolation "transformer-engine[pytorch,core_cu13]==${TRANSFORMER_ENGINE_VERSION}"
 RUN python -c "import flash_attn" 2>/dev/null \
  || pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"
 

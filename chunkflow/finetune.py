@@ -18,7 +18,7 @@ import warnings
 
 from chunkflow.config import load_config
 
-__all__ = ["main"]
+__all__ = ["main", "done_line"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         return code
     destroy_distributed()
     if ctx.is_logging_rank:
-        print(_done_line(summary))
+        print(done_line(summary))
     return 0
 
 
-def _done_line(s: dict) -> str:
+def done_line(s: dict) -> str:
+    """The run's last line: steps, time, loss, throughput, memory, where its outputs are."""
     if s["finished_before"]:
         return f"done: already at step {s['steps']}; nothing trained. outputs: {s['output_dir']}/"
     head = "pre-empted" if s["preempted"] else "done"

@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -41,6 +42,7 @@ from chunkflow.model.hf import (
 )
 from chunkflow.model.safetensors_stream import SafetensorsReader, SafetensorsWriter
 from chunkflow.model.state import global_name
+from chunkflow.train.progress import ItemProgress
 
 __all__ = ["import_hf", "import_rank", "export_hf", "export_hf_standalone", "layout_config", "CHECKPOINT_HF_DIR"]
 
@@ -117,8 +119,9 @@ def _mmap_copy(t: torch.Tensor, path: Path) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- import
-def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
-    """Run on every rank of ``cfg``'s layout (process groups not yet created)."""
+def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config, *, progress: bool = False) -> None:
+    """Run on every rank of ``cfg``'s layout (process groups not yet created).
+    ``progress``: rank 0 shows its tensors and bytes converted, elapsed and ETA."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
@@ -137,10 +140,13 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     offset = layer_offset(model)
     sd = model.sharded_state_dict(prefix="")
-    for key in list(sd):
+    keys = [k for k in sd if not isinstance(sd[k], ShardedObject)]
+    shown = ItemProgress(len(keys), "tensors", label=f"import (rank 0 of {ctx.world_size})",
+                         total_bytes=sum(sd[k].data.nbytes for k in keys),
+                         stream=sys.stdout if progress and ctx.rank == 0 else None)
+    for key in keys:
         entry = sd[key]
-        if isinstance(entry, ShardedObject):
-            continue
+        nbytes = entry.data.nbytes
         pm = param_map(global_name(key, offset), m)
         piece = read_shard(reader, pm, m, ctx.tp_rank, ctx.tp_size).to(entry.data.dtype)
         if tuple(piece.shape) != tuple(entry.data.shape):
@@ -160,7 +166,9 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
             assert isinstance(entry, ShardedTensor), type(entry)
             entry.data = _mmap_copy(piece, scratch / key)
             del piece
+        shown.advance(nbytes=nbytes)
     reader.close()
+    shown.finish("read, now writing megatron's checkpoint")
     if ctx.rank == 0:
         (out / "model").mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
@@ -184,7 +192,7 @@ def import_rank(hf_dir: str | Path, out: str | Path, cfg: Config) -> None:
     torch.distributed.barrier()
 
 
-def _import_worker(rank: int, world: int, hf_dir: str, out: str, cfg: Config) -> None:
+def _import_worker(rank: int, world: int, hf_dir: str, out: str, cfg: Config, progress: bool = False) -> None:
     import multiprocessing
     import warnings
 
@@ -195,23 +203,25 @@ def _import_worker(rank: int, world: int, hf_dir: str, out: str, cfg: Config) ->
     from chunkflow.parallel.distributed import destroy_distributed
 
     try:
-        import_rank(hf_dir, out, cfg)
+        import_rank(hf_dir, out, cfg, progress=progress)
     finally:
         destroy_distributed()
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, tensor: int = 1, pipeline: int = 1,
-              dtype: Optional[str] = None, timeout_s: float = 3600) -> Path:
+              dtype: Optional[str] = None, timeout_s: float = 3600, progress: bool = False) -> Path:
     """Convert ``hf_dir`` into a chunkflow checkpoint at ``out`` for a TP x PP layout.
 
     Spawns ``tensor * pipeline`` local processes (gloo). ``dtype`` (fp32, bf16, ...)
-    defaults to the source's ``config.json`` dtype. Returns ``out``.
+    defaults to the source's ``config.json`` dtype. ``progress``: rank 0 prints its
+    tensors and bytes converted with elapsed time and ETA (chunkflow.train.progress).
+    Returns ``out``.
     """
     from chunkflow.parallel.spawn import run_distributed
 
     cfg = layout_config(hf_dir, tensor=tensor, pipeline=pipeline, dtype=dtype)
     check_hf_tensors(SafetensorsReader(hf_dir), cfg.model)  # fail here rather than in every rank
-    run_distributed(_import_worker, tensor * pipeline, (str(hf_dir), str(out), cfg), timeout_s=timeout_s)
+    run_distributed(_import_worker, tensor * pipeline, (str(hf_dir), str(out), cfg, progress), timeout_s=timeout_s)
     return Path(out)
 
 
@@ -326,7 +336,7 @@ def _merge_adapters(name: str, full: torch.Tensor, adapters: Optional[tuple[dict
 
 
 def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
-              max_shard_bytes: int = 5 * 2**30) -> list[str]:
+              max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[str]:
     """Write ``ckpt`` (a chunkflow checkpoint of any layout) as a Hugging Face directory.
 
     LoRA adapters saved with the checkpoint (``<ckpt>/adapter``) are merged into the
@@ -334,7 +344,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
 
     Needs a world-size-1 process group (``init_distributed``) for megatron to describe
     the full model. ``dtype`` defaults to the source config's, else the checkpoint's.
-    Returns the safetensors file names.
+    ``progress``: print parameters and bytes written, elapsed and ETA. Returns the
+    safetensors file names.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from chunkflow.model.provider import build_model
@@ -365,14 +376,21 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, dtype: Optional[str] = N
     torch_dtype = getattr(torch, DTYPE_NAMES[out_dtype])
     writer = SafetensorsWriter(out_dir, hf_specs(m, torch_dtype), max_shard_bytes=max_shard_bytes)
     adapters = _read_adapters(ckpt)
+    params = megatron_params(m)
+    shown = ItemProgress(len(params), "parameters", label="export", stream=sys.stdout if progress else None,
+                         total_bytes=sum(spec.num_bytes for spec in hf_specs(m, torch_dtype)))
     try:
-        for pm in megatron_params(m):
+        for pm in params:
             full = _read_full(sd.pop(pm.name), reader, metadata)
             full = _merge_adapters(pm.name, full, adapters, m)
+            nbytes = 0
             for name, tensor in to_hf(pm, full, m):
                 writer.write(name, tensor.to(torch_dtype))
+                nbytes += tensor.numel() * torch_dtype.itemsize
             del full
+            shown.advance(nbytes=nbytes)
         files = writer.close()  # every shard renamed into place
+        shown.finish(f"into {len(files)} safetensors file{'s' if len(files) != 1 else ''}")
     except BaseException:
         writer.abort()  # an earlier export in out_dir stays whole
         raise

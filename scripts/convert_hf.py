@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
-            out = import_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline, dtype=args.dtype)
+            out = import_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline, dtype=args.dtype,
+                             progress=True)
             print(f"wrote {out} (tensor={args.tensor}, pipeline={args.pipeline}); train with train.load={out}")
         else:
             files = export_hf_standalone(args.ckpt, args.hf_dir, dtype=args.dtype,
-                                         max_shard_bytes=int(args.max_shard_gb * 2**30))
+                                         max_shard_bytes=int(args.max_shard_gb * 2**30), progress=True)
             print(f"wrote {args.hf_dir}: {', '.join(files)}")
     except (HFError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

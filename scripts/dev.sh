@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for developers and CI. Idempotent: a second run skips installs.
 #
-#   bash scripts/dev.sh demo    install, then fine-tune the tiny CPU default (2 processes)
+#   bash scripts/dev.sh demo    install, then fine-tune the tiny CPU default with ChunkFlow
+#                               (2 processes) and compare it with Megatron's schedule
 #   bash scripts/dev.sh test    install, then run the test suite (both megatron-core ends)
 #   bash scripts/dev.sh setup   install only
 #
@@ -69,7 +70,9 @@ setup_mcore_new() {  # megatron-core 0.17+ declares Python >= 3.12; its wheel ru
 
 demo() {
   setup
-  "$VENV/bin/torchrun" --nproc-per-node 2 scripts/finetune.py --config configs/tiny_cpu.yaml "$@"
+  # chunkflow/demo.py: torchrun on parallel.tensor x parallel.pipeline processes, ChunkFlow
+  # training, then the first batches again under megatron's schedule, side by side.
+  "$VENV/bin/python" -m chunkflow.demo --config configs/tiny_cpu.yaml "$@"
 }
 
 run_tests() {

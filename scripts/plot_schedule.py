@@ -22,65 +22,9 @@ import sys
 from typing import Optional
 
 from chunkflow.data.assignment import CostModel
-from chunkflow.pipeline.plan import PipelinePlan, build_pipeline_plan, format_plan, plain_1f1b_plan
+from chunkflow.pipeline.draw import Panel, describe, draw_timelines
+from chunkflow.pipeline.plan import build_pipeline_plan, format_plan, plain_1f1b_plan
 from chunkflow.pipeline.simulate import UNIFORM, Timeline, chunk_rows, row_costs, simulate, simulate_1f1b
-
-COLORS = {"forward": "#4C78A8", "recompute": "#F58518", "backward": "#54A24B", "idle": "#E6E6E6"}
-
-Panel = tuple[str, Timeline, Optional[PipelinePlan]]
-
-
-def draw(panels: list[Panel], path: str) -> None:
-    """One subplot per panel, one bar row per stage; saved as PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    span = max(t.makespan for _, t, _ in panels) or 1.0
-    stages = max(t.num_stages for _, t, _ in panels)
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
-                             figsize=(12, 0.55 * stages * len(panels) + 1.2 * len(panels) + 0.6))
-    for ax, (title, t, plan) in zip(axes[:, 0], panels):
-        no_graph = set()
-        if plan is not None:
-            no_graph = {a.mb for s in range(plan.num_stages) for a in plan.actions(s)
-                        if type(a).__name__ == "Forward" and not a.keep_graph}
-        for s, ivs in enumerate(t.stages):
-            y = t.num_stages - 1 - s
-            ax.barh(y, t.makespan, left=0, height=0.8, color=COLORS["idle"], edgecolor="none")
-            for iv in ivs:
-                hatch = "///" if iv.kind == "forward" and (iv.mb in no_graph or not iv.graph) else None
-                ax.barh(y, iv.end - iv.start, left=iv.start, height=0.8, color=COLORS[iv.kind],
-                        edgecolor="white", linewidth=0.8, hatch=hatch)
-                if iv.end - iv.start > span / 80:
-                    ax.text((iv.start + iv.end) / 2, y, str(iv.mb), ha="center", va="center",
-                            fontsize=8, color="white", fontweight="bold")
-        ax.set_yticks(range(t.num_stages), [f"stage {s}" for s in reversed(range(t.num_stages))])
-        ax.set_xlim(0, span)
-        deps = describe(plan) if plan is not None else ""
-        note = f"   ({deps})" if 0 < deps.count("=") - 1 <= 8 else ""
-        ax.set_title(f"{title}   makespan {t.makespan:.4g}   bubble {100 * t.bubble_fraction:.1f}%{note}",
-                     loc="left", fontsize=10)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-    axes[-1, 0].set_xlabel("time (forward cost units)")
-    legend = [Patch(color=COLORS[k], label=k) for k in ("forward", "recompute", "backward", "idle")]
-    legend.insert(1, Patch(facecolor=COLORS["forward"], hatch="///", edgecolor="white", label="forward, no graph"))
-    fig.legend(handles=legend, loc="lower center", ncol=5, frameon=False, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def describe(plan: PipelinePlan) -> str:
-    """Which micro-batches are chunks of which long sample."""
-    parts = []
-    for mb, c in enumerate(plan.chunks):
-        if c.dependent:
-            parts.append(f"{mb}={c.sample}.{c.chunk_index}")
-    return "mb=sample.chunk: " + (", ".join(parts) if parts else "all standalone")
 
 
 def from_lengths(args: argparse.Namespace) -> list[Panel]:
@@ -167,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(format_plan(plan))
     if args.save_timeline:
         panels[-1][1].save(args.save_timeline)
-    draw(panels, args.output)
+    draw_timelines(panels, args.output, unit="seconds" if args.timeline else "forward cost units")
     print(f"wrote {args.output}")
     return 0
 

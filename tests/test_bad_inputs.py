@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 SMALL = ["parallel.pipeline=1", "model.num_layers=2", "data.max_seq_len=64", "data.global_batch_size=2",
-         "chunkflow.chunk_size=32", "train.steps=2", "data.synthetic.num_samples=16"]
+         "chunkflow.chunk_size=32", "train.steps=2", "data.synthetic.num_samples=16", "train.schedule=megatron"]
 
 
 def _finetune():

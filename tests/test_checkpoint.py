@@ -28,7 +28,7 @@ TINY = [
     "parallel.pipeline=1", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=160",
     "model.vocab_size=256", "data.max_seq_len=256", "data.global_batch_size=4",
     "data.synthetic.num_samples=64", f"train.steps={STEPS}", f"train.save_every={SAVE_AT}",
-    "train.save_at_end=false", "train.warmup_steps=1",
+    "train.save_at_end=false", "train.warmup_steps=1", "train.schedule=megatron",
 ]
 
 

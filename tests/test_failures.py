@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.megatron, pytest.mark.slow, pytest.mark.once]
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20
 SMALL = ["data.max_seq_len=256", "chunkflow.chunk_size=64", "train.steps=6", "data.synthetic.num_samples=64",
-         f"parallel.timeout_s={TIMEOUT_S}", "train.save_at_end=false"]
+         f"parallel.timeout_s={TIMEOUT_S}", "train.save_at_end=false",
+         "train.schedule=megatron"]  # failure handling does not depend on the schedule: the one measured
 
 
 def launch(script: Path, out: Path, *overrides: str, fail: str = "") -> tuple[int, str, str, float]:

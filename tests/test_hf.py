@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,9 @@ def test_finetune_from_hf_dir_then_export(hf_models, tmp_path):
     assert cli.returncode == 0, cli.stderr[-3000:]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # streamed into several files
+    shards = len(set(index["weight_map"].values()))  # progress: not a terminal, so one closing line
+    assert re.search(rf"^export: \d+ parameters, [\d.]+ \w*B in \d+:\d\d:\d\d; into {shards} safetensors files$",
+                     cli.stdout, re.M), cli.stdout
     assert (out / "tokenizer.json").read_text() == (dirs["qwen2"] / "tokenizer.json").read_text()
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     logits = hf_logits(model)

@@ -15,7 +15,7 @@ from _workers import TINY
 from chunkflow.config.loader import ConfigError
 from chunkflow.parallel.spawn import run_distributed
 from chunkflow.train.loggers import check_sink_packages, scalars
-from chunkflow.train.progress import Progress, eta_seconds, format_duration
+from chunkflow.train.progress import ItemProgress, Progress, eta_seconds, format_bytes, format_duration
 
 HAS_TB = importlib.util.find_spec("tensorboard") is not None
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
@@ -67,6 +67,39 @@ def test_eta_arithmetic():
     quiet = io.StringIO()
     Progress(40, 0, tty=False, stream=quiet).show({"step": 1, "loss": 1.0})
     assert quiet.getvalue() == ""  # not a terminal: only the periodic log lines
+
+
+def test_item_progress_plain_lines_terminal_redraw_and_eta_by_bytes():
+    """The N-of-M API (HF import/export; data preparation and the benchmark may use it)."""
+    now = [0.0]
+    log = io.StringIO()  # not a terminal: one plain line per every_s, none per item
+    p = ItemProgress(10, "tensors", label="import", total_bytes=1000, stream=log, tty=False, every_s=5.0,
+                     clock=lambda: now[0])
+    for nbytes in (100, 300, 100, 100, 100, 100, 50, 50, 50, 50):
+        now[0] += 1.0
+        p.advance(nbytes=nbytes)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and "\r" not in log.getvalue()
+    # at 5 s: 700 of 1000 bytes (5 of 10 items): the ETA follows the bytes, 5/700*300 s
+    assert lines[0].startswith("import: 5/10 tensors") and " 70%" in lines[0] and "eta 0:00:02" in lines[0]
+    assert "700 B/1000 B" in lines[0]
+    p.finish("done")
+    assert log.getvalue().splitlines()[-1] == "import: 10 tensors, 1000 B in 0:00:10; done"
+
+    now[0] = 0.0
+    term = io.StringIO()
+    t = ItemProgress(4, "runs", stream=term, tty=True, redraw_s=0.0, clock=lambda: now[0])
+    now[0] += 3.0
+    t.advance()
+    assert term.getvalue().startswith("\r1/4 runs") and "eta 0:00:09" in term.getvalue()
+    assert "\n" not in term.getvalue()  # redrawn in place
+    t.advance(3)
+    t.finish()
+    assert term.getvalue().endswith("\r4 runs in 0:00:03\033[K\n")
+    silent = ItemProgress(3, stream=None)
+    silent.advance(3)
+    silent.finish()  # stream=None: nothing, no error
+    assert format_bytes(3.4 * 2**30) == "3.40 GiB" and format_bytes(512) == "512 B"
 
 
 def sinks_worker(rank: int, world: int, out: str, overrides: list[str]) -> dict:

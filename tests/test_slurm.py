@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "scripts" / "slurm" / "finetune.sbatch"
 STEPS = 20
-TINY = ["configs/tiny_cpu.yaml", f"train.steps={STEPS}", "train.log_every=1", "data.synthetic.num_samples=512"]
+TINY = ["configs/tiny_cpu.yaml", f"train.steps={STEPS}", "train.log_every=1", "data.synthetic.num_samples=512",
+        "train.schedule=megatron"]
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ class TrainConfig:
     # update; 2**16 (torch's GradScaler default) starts training at once.
     initial_loss_scale: float = 65536.0
     # Write <output_dir>/timeline.json (per-stage compute intervals of the last step,
-    # for scripts/plot_schedule.py --timeline); chunkflow schedule with PP > 1.
+    # for scripts/plot_schedule.py --timeline); either schedule, any pipeline size.
     save_timeline: bool = False
     # Peak dense TFLOP/s of one GPU for the mfu of metrics.jsonl; 0 = look the device up
     # by name in chunkflow.train.metrics.PEAK_TFLOPS (bf16 tensor-core figures). On CPU,

@@ -11,6 +11,7 @@ and scales the gradients by its inverse, so the gradient is that of
 from __future__ import annotations
 
 import contextlib
+import itertools
 from functools import partial
 from typing import Any, Sequence
 
@@ -29,19 +30,23 @@ __all__ = ["MegatronSchedule"]
 @contextlib.contextmanager
 def _timed_backward(timer: SpanTimer):
     """Time megatron's ``backward_step`` calls (compute only; p2p waits are outside it).
+    Micro-batches are numbered in call order: every stock schedule runs the backward
+    passes of a stage in the order of its forwards.
 
     The stock schedules look ``backward_step`` up in their module at call time, so
     swapping the module attribute for the duration of one step instruments exactly
     the backward compute without touching the schedule itself.
     """
     original = _schedules.backward_step
+    count = itertools.count()
 
     def timed(*args: Any, **kwargs: Any) -> Any:
+        mb = next(count)
         t0 = timer.start()
         try:
             return original(*args, **kwargs)
         finally:
-            timer.stop(t0, kind="backward")
+            timer.stop(t0, kind="backward", mb=mb)
 
     _schedules.backward_step = timed
     try:
@@ -64,16 +69,19 @@ class MegatronSchedule:
         self.device = device
         self.pad_multiple = pad_multiple
         self.forward_backward = get_forward_backward_func()
+        self.last_timeline: list[dict] = []  # this stage's compute spans of the last step
 
     def run(self, rows: Sequence[PackedRow]) -> StepResult:
         tensors = [row_to_tensors(r, self.device, pad_multiple=self.pad_multiple) for r in rows]
         timer = SpanTimer(self.device)
+        count = itertools.count()
 
         def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
             b = next(data_iterator)
+            mb = next(count)
             t0 = timer.start()
             out = token_losses(model, b)
-            timer.stop(t0, kind="forward")
+            timer.stop(t0, kind="forward", mb=mb)
             return out, partial(masked_loss, b.loss_mask)
 
         with _timed_backward(timer):
@@ -86,7 +94,7 @@ class MegatronSchedule:
                 micro_batch_size=1,
                 forward_only=False,
             )
-        busy, wall, _ = timer.finish()
+        busy, wall, self.last_timeline = timer.finish()
         reports = [item["lm loss"] for item in losses or []]
         loss_sum, num = 0.0, 0
         if reports:  # one read back to the host per step

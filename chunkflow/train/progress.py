@@ -1,4 +1,5 @@
-"""Elapsed time, ETA and a one-line progress display on the logging rank.
+"""Elapsed time, ETA and a one-line progress display: training steps, and any loop over
+N of M items (tensors converted, samples tokenized, benchmark runs).
 
 On a terminal the line is redrawn in place every step (carriage return, no extra
 package)::
@@ -12,6 +13,26 @@ The ETA assumes the remaining steps take as long on average as the ones this pro
 has run so far (a resumed run counts from its resume step, not from step 0)::
 
     eta = elapsed / (step - start_step) * (total_steps - step)
+
+Long work outside the training loop uses :class:`ItemProgress`, the same two modes::
+
+    progress = ItemProgress(len(names), "tensors", label="import", total_bytes=total)
+    for name in names:
+        ...                                   # convert one tensor
+        progress.advance(nbytes=t.nbytes)     # one item done (and its bytes)
+    progress.finish()                         # the closing line, on a terminal or not
+
+On a terminal the line is redrawn in place (at most ``redraw_s`` apart); elsewhere (a
+SLURM log, a pipe, a test) a plain line is printed every ``every_s`` seconds, so a log
+gets a few lines, not one per item::
+
+    import: 120/339 tensors [#######.............]  35%  1.20/3.40 GiB  elapsed 0:00:12  eta 0:00:22
+    import: 339 tensors, 3.40 GiB in 0:00:34
+
+The ETA is proportional to the bytes done when ``total_bytes`` is given (items differ in
+size: an embedding is not a layer norm), otherwise to the items done. Pass
+``stream=None`` to silence it (e.g. on every rank but one); ``tty`` defaults to
+``stream.isatty()``.
 """
 
 from __future__ import annotations
@@ -20,7 +41,7 @@ import sys
 import time
 from typing import Callable, Optional, TextIO
 
-__all__ = ["Progress", "eta_seconds", "format_duration"]
+__all__ = ["Progress", "ItemProgress", "eta_seconds", "format_duration", "format_bytes"]
 
 
 def eta_seconds(elapsed_s: float, start_step: int, step: int, total_steps: int) -> Optional[float]:
@@ -38,6 +59,15 @@ def format_duration(seconds: Optional[float]) -> str:
         return "?"
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_bytes(n: float) -> str:
+    """``3.4 * 2**30`` -> ``"3.40 GiB"`` (B, KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
 
 
 class Progress:
@@ -79,3 +109,67 @@ class Progress:
             self.stream.write("\r\033[K")
             self.stream.flush()
             self._shown = False
+
+
+class ItemProgress:
+    """Progress of a loop over ``total`` items; see the module docstring."""
+
+    def __init__(self, total: int, what: str = "items", *, label: str = "", total_bytes: Optional[int] = None,
+                 stream: Optional[TextIO] = sys.stdout, tty: Optional[bool] = None, every_s: float = 10.0,
+                 redraw_s: float = 0.2, clock: Callable[[], float] = time.perf_counter, width: int = 20):
+        self.total, self.what, self.total_bytes = total, what, total_bytes
+        self.prefix = f"{label}: " if label else ""
+        self.stream, self.clock, self.width = stream, clock, width
+        self.tty = bool(stream is not None and (stream.isatty() if tty is None else tty))
+        self.every_s = redraw_s if self.tty else every_s
+        self.done, self.bytes_done = 0, 0
+        self.t0 = clock()
+        self._last = self.t0
+        self._shown = False
+
+    def times(self) -> tuple[float, Optional[float]]:
+        """(elapsed seconds, ETA seconds or None before the first item)."""
+        elapsed = self.clock() - self.t0
+        if self.total_bytes:
+            if self.bytes_done <= 0:
+                return elapsed, None
+            return elapsed, elapsed / self.bytes_done * max(self.total_bytes - self.bytes_done, 0)
+        return elapsed, eta_seconds(elapsed, 0, self.done, self.total)
+
+    def line(self) -> str:
+        """``"import: 120/339 tensors [###...]  35%  1.20/3.40 GiB  elapsed 0:00:12  eta 0:00:22"``."""
+        frac = self.done / self.total if self.total else 1.0
+        if self.total_bytes:
+            frac = self.bytes_done / self.total_bytes
+        filled = int(self.width * min(frac, 1.0))
+        size = (f"  {format_bytes(self.bytes_done)}/{format_bytes(self.total_bytes)}" if self.total_bytes
+                else f"  {format_bytes(self.bytes_done)}" if self.bytes_done else "")
+        elapsed, eta = self.times()
+        return (f"{self.prefix}{self.done}/{self.total} {self.what} [{'#' * filled}{'.' * (self.width - filled)}] "
+                f"{100 * frac:3.0f}%{size}  elapsed {format_duration(elapsed)}  eta {format_duration(eta)}")
+
+    def advance(self, n: int = 1, *, nbytes: int = 0) -> None:
+        """``n`` more items (of ``nbytes`` together) are done; redraw or print if due."""
+        self.done += n
+        self.bytes_done += nbytes
+        now = self.clock()
+        if self.stream is None or now - self._last < self.every_s or self.done >= self.total:
+            return  # the last item: finish() says it
+        self._last = now
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\033[K")
+            self._shown = True
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def finish(self, note: str = "") -> None:
+        """The closing line (replacing the in-place one): items, bytes, total time."""
+        if self.stream is None:
+            return
+        size = f", {format_bytes(self.bytes_done)}" if self.bytes_done else ""
+        text = (f"{self.prefix}{self.done} {self.what}{size} in {format_duration(self.clock() - self.t0)}"
+                + (f"; {note}" if note else ""))
+        self.stream.write(("\r" if self._shown else "") + text + ("\033[K" if self._shown else "") + "\n")
+        self.stream.flush()
+        self._shown = False
