@@ -20,6 +20,7 @@ region, splits it into Hugging Face tensors and streams them into safetensors fi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -33,8 +34,9 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 
+from chunkflow.config.errors import UserError
 from chunkflow.config.loader import config_to_dict
-from chunkflow.config.schema import Config, ModelConfig
+from chunkflow.config.schema import DTYPES, Config, ModelConfig
 from chunkflow.model.hf import (
     DTYPE_NAMES, TOKENIZER_FILES, HFError, check_hf_tensors, check_parallel_sizes, hf_config_from_model,
     hf_dtype, hf_specs, megatron_params, model_config_from_dict, model_fields_from_hf, param_map,
@@ -425,3 +427,48 @@ def export_hf_standalone(ckpt: str | Path, out_dir: str | Path, **kwargs: Any) -
         return export_hf(ckpt, out_dir, **kwargs)
     finally:
         destroy_distributed()
+
+
+_CLI_DOC = """Convert between Hugging Face model directories and chunkflow checkpoints.
+
+    chunkflow-convert import --hf-dir D --out O [--tensor N --pipeline M] [--dtype bf16]
+    chunkflow-convert export --ckpt O --hf-dir D2 [--dtype bf16] [--max-shard-gb 5]
+
+(or python scripts/convert_hf.py ...). ``import`` writes ``O/model`` (megatron
+dist_checkpointing, sharded for N x M; train with ``train.load=O``), ``O/trainer.json``
+and ``O/hf`` (config and tokenizer files). ``export`` reads a chunkflow checkpoint of any
+layout (an import, or a training run's ``checkpoint_step<N>``) and writes safetensors,
+config.json and tokenizer files that ``transformers.AutoModelForCausalLM.from_pretrained``
+loads. See docs/hf.md.
+"""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line of ``chunkflow-convert`` / ``scripts/convert_hf.py``; exit code."""
+    parser = argparse.ArgumentParser(description=_CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="Hugging Face directory -> chunkflow checkpoint")
+    imp.add_argument("--hf-dir", required=True)
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--tensor", type=int, default=1)
+    imp.add_argument("--pipeline", type=int, default=1)
+    imp.add_argument("--dtype", choices=DTYPES, help="default: the dtype in config.json")
+    exp = sub.add_parser("export", help="chunkflow checkpoint -> Hugging Face directory")
+    exp.add_argument("--ckpt", required=True)
+    exp.add_argument("--hf-dir", required=True)
+    exp.add_argument("--dtype", choices=DTYPES, help="default: the source model's dtype")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors file size")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            out = import_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline, dtype=args.dtype,
+                            progress=True)
+            print(f"wrote {out} (tensor={args.tensor}, pipeline={args.pipeline}); train with train.load={out}")
+        else:
+            files = export_hf_standalone(args.ckpt, args.hf_dir, dtype=args.dtype,
+                                         max_shard_bytes=int(args.max_shard_gb * 2**30), progress=True)
+            print(f"wrote {args.hf_dir}: {', '.join(files)}")
+    except (UserError, FileNotFoundError) as e:  # HFError, ConfigError, CheckpointError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -387,3 +387,13 @@ def test_streaming_writer_matches_safetensors(tmp_path):
     assert torch.equal(reader.read("a", 1, 2, 4), tensors["a"][:, 2:4])
     with pytest.raises(ValueError, match="expected tensor 'a' next"):
         SafetensorsWriter(tmp_path / "x", plan).write("b", tensors["b"])
+
+
+def test_convert_cli_names_a_missing_checkpoint_and_exits_2(tmp_path, capsys):
+    """chunkflow-convert's bad input is one line and exit code 2, not a traceback."""
+    from chunkflow.hf_convert import main
+
+    assert main(["export", "--ckpt", str(tmp_path / "nope"), "--hf-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0], err
+    assert not (tmp_path / "out").exists()  # nothing half-written
