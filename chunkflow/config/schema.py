@@ -115,7 +115,9 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # JSONL file; empty = synthetic data
+    # JSONL file, token store (scripts/prepare_data.py) or Megatron .bin/.idx prefix;
+    # empty = synthetic data. See docs/data.md.
+    path: str = ""
     tokenizer: str = ""  # local tokenizer.json for "text" / "messages" samples
     max_seq_len: int = 1024  # longest sample (tokens) and Megatron micro-batch capacity
     global_batch_size: int = 16  # samples per optimizer step, across data-parallel ranks
@@ -127,6 +129,10 @@ class DataConfig:
     # pads to the tensor size. Padding carries no loss and no real token attends to it.
     pad_to_multiple: int = 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Where training puts the token store it prepares from a JSONL data.path (one
+    # subdirectory per input, tokenizer and store version); "" = <train.output_dir>/data_cache.
+    cache_dir: str = ""
+    prepare_workers: int = 0  # tokenizer processes for that preparation; 0 = every core
 
 
 @dataclass

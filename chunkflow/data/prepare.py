@@ -37,6 +37,7 @@ from chunkflow.data.tokenizer import ChatTemplate, load_tokenizer
 __all__ = ["PrepareSummary", "prepare_store", "encode_line", "input_fingerprint", "store_is_current",
            "length_histogram"]
 
+AUTO_BYTES_PER_WORKER = 8 << 20  # workers=0 starts one worker per this much input, up to the cores
 TOKEN_LIMIT = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids must fit the store's uint32
 
 
@@ -75,7 +76,12 @@ def encode_line(line: str, where: str, tokenizer: Any, template: Any) -> tuple[n
     """THE call site turning one JSONL line into raw tokens ``(n,) int64`` and target
     ``(n,) bool`` for the store, with the reader's checks (ids in the store's range)."""
     tokens, target = _parse_line(line, where, tokenizer, template)
-    _check_sample(tokens, target, where, TOKEN_LIMIT)
+    outside = (tokens < 0) | (tokens >= TOKEN_LIMIT)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise DataError(f"{where}: token id {int(tokens[i])} at position {i} is outside [0, 2**32): "
+                        "token ids are >= 0 and must fit in 32 bits")
+    _check_sample(tokens, target, where, TOKEN_LIMIT)  # length and loss tokens; vocab at load
     return tokens, target
 
 
@@ -134,7 +140,7 @@ def _encode_batch(job: tuple[str, int, list[bytes]]) -> dict[str, Any]:
         ids, tgt = encode_line(line, where, tok, template)
         top = int(ids.max())
         if top > max_id:
-            max_id, max_where = top, where
+            max_id, max_where = top, f"{where}: token id {top} at position {int(ids.argmax())}"
         loss += int(tgt[1:].sum())
         tokens.append(ids.astype(TOKEN_DTYPE))
         target.append(tgt.astype(np.uint8))
@@ -204,7 +210,7 @@ def prepare_store(
     on_progress: Optional[Callable[[int, int], None]] = None,
 ) -> PrepareSummary:
     """Prepare ``inputs`` (JSONL, in this order) into the store ``out``; see the module
-    docstring. ``workers=0`` = every core. ``on_progress(lines_done, tokens_done)`` is
+    docstring. ``workers=0`` = every core (one per 8 MiB of input). ``on_progress(lines_done, tokens_done)`` is
     called after each batch. Raises :class:`DataError` naming ``file:line`` on a bad line."""
     import time
 
@@ -218,7 +224,9 @@ def prepare_store(
         index = json.loads((out / INDEX).read_text())
         return PrepareSummary(out=str(out), up_to_date=True, samples=index["num_samples"],
                               tokens=index["num_tokens"])
-    workers = workers or os.cpu_count() or 1
+    if not workers:  # every core, but no pool for a small input (starting one costs more)
+        size = sum(p.stat().st_size for p in paths)
+        workers = max(1, min(os.cpu_count() or 1, size // AUTO_BYTES_PER_WORKER))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -278,7 +286,7 @@ def _write(paths: list[Path], partial: Path, tokenizer: str, workers: int, batch
                                        "max_seq_len": "applied when training opens the store"},
     }
     if s.samples == 0:
-        raise DataError(f"{', '.join(map(str, paths))}: no sample in the input ({s.lines} lines, "
+        raise DataError(f"{', '.join(map(str, paths))} holds no usable sample ({s.lines} lines, "
                         f"{s.blank} blank)")
     for f in partial.iterdir():  # data on disk before the index says the store is complete
         with open(f, "rb") as handle:

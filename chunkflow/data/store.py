@@ -146,11 +146,14 @@ class TokenStore:
         return self.tokens[a:b].astype(np.int64), self.target[a:b].astype(bool)
 
     def where(self, i: int) -> str:
-        """``store[i] (file:line)``: the stored sample and the input line it came from."""
+        """``file:line`` of the input line stored sample ``i`` came from."""
         counts = np.cumsum([f["samples"] for f in self.index["inputs"]])
         k = int(np.searchsorted(counts, i, side="right"))
         source = self.index["inputs"][k]["path"] if k < len(counts) else "?"
-        return f"{self.path}[{i}] ({source}:{int(self.lines[i])})"
+        return f"{source}:{int(self.lines[i])}"
+
+    def name(self, i: int) -> str:
+        return f"sample {i} of the store {self.path}"
 
 
 class MegatronTokens:
@@ -186,7 +189,10 @@ class MegatronTokens:
         return tokens, np.ones(len(tokens), dtype=bool)
 
     def where(self, i: int) -> str:
-        return f"{self.path}.bin[{i}]"
+        return f"{self.path}.bin: sample {i}"
+
+    def name(self, i: int) -> str:
+        return "Megatron indexed data set"
 
 
 class StoreDataset(Sequence[Sample]):
@@ -203,10 +209,10 @@ class StoreDataset(Sequence[Sample]):
         self.truncated = self.dropped = self.dropped_no_loss = 0
         self.keep: Optional[np.ndarray] = None  # stored index of each kept sample (None: all)
         if source.max_token_id is not None and source.max_token_id >= vocab_size:
-            where = source.index.get("max_token_where", "")
-            raise DataError(f"{source.path}: token id {source.max_token_id} (first at {where}) is "
-                            f"outside [0, {vocab_size}) (model.vocab_size={vocab_size}); the store "
-                            "was made for a larger vocabulary")
+            where = source.index.get("max_token_where", f"{source.path}: token id {source.max_token_id}")
+            raise DataError(f"{where} is outside [0, {vocab_size}) (model.vocab_size={vocab_size}); "
+                            f"the store {source.path} holds ids up to {source.max_token_id}, made for "
+                            "a larger vocabulary")
         if source.max_len - 1 > max_seq_len:
             self._apply_overlong()
         elif isinstance(source, MegatronTokens) and source.num_samples:
@@ -216,8 +222,8 @@ class StoreDataset(Sequence[Sample]):
         short = np.flatnonzero(lengths < 2)
         if len(short):
             i = int(short[0])
-            raise DataError(f"{self.source.where(i)}: {int(lengths[i])} token(s); a sample needs "
-                            "at least 2 (one input and its label)")
+            raise DataError(f"{self.source.where(i)}: empty sample: {int(lengths[i])} token(s); a "
+                            "sample needs at least 2 (one input and its label)")
 
     def _apply_overlong(self) -> None:
         lengths = self.source.raw_lengths()
@@ -229,11 +235,12 @@ class StoreDataset(Sequence[Sample]):
             raise DataError(
                 f"{self.source.where(i)}: sample has {int(lengths[i]) - 1} positions after shifting "
                 f"({int(lengths[i])} tokens), more than max_seq_len={self.max_seq_len}; set "
-                "data.overlong=truncate or data.overlong=drop, or raise data.max_seq_len")
+                "data.overlong=truncate or data.overlong=drop, or raise data.max_seq_len "
+                f"({self.source.name(i)})")
         gone = over
         if self.overlong == "truncate":
             keep_over = [i for i in over if self.source.read(int(i))[1][1 : self.max_seq_len + 1].any()]
-            self.truncated = len(keep_over)
+            self.truncated = len(over)  # as read_jsonl counts: dropped_no_loss among them
             self.dropped_no_loss = len(over) - len(keep_over)
             gone = np.setdiff1d(over, np.asarray(keep_over, dtype=np.int64))
         else:
@@ -261,7 +268,8 @@ class StoreDataset(Sequence[Sample]):
             if outside.any():
                 k = int(np.flatnonzero(outside)[0])
                 raise DataError(f"{self.source.where(j)}: token id {int(tokens[k])} at position {k} "
-                                f"is outside [0, {self.vocab_size}) (model.vocab_size={self.vocab_size})")
+                                f"is outside [0, {self.vocab_size}) (model.vocab_size={self.vocab_size})"
+                                f" ({self.source.name(j)})")
         return Sample(sample_id=i, input_ids=tokens[:-1].copy(), labels=tokens[1:].copy(),
                       loss_mask=target[1:].astype(np.float32))
 
