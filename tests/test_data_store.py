@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,27 +211,47 @@ def test_megatron_indexed_files_are_read_with_every_token_trained(tmp_path):
         [small[i] for i in range(len(small))]
 
 
+class _KV:
+    """The launcher's key-value store as the other ranks see it."""
+
+    def __init__(self) -> None:
+        self.values: dict = {}
+
+    def set(self, key, value):
+        self.values[key] = value.encode()
+
+    def check(self, keys):
+        return all(k in self.values for k in keys)
+
+    def get(self, key):
+        return self.values[key]
+
+
 def test_training_prepares_a_jsonl_path_once_into_the_cache(prepared, tmp_path):
+    import chunkflow.train.data_cache as data_cache
+
     cfg = load_config(None, [f"data.path={prepared.data}", f"data.tokenizer={prepared.tok}",
                              f"train.output_dir={tmp_path / 'run'}", "data.prepare_workers=1"])
-    waiter: dict = {}
-    rank1 = threading.Thread(target=lambda: waiter.update(
-        cfg=resolve_data(cfg, SimpleNamespace(rank=1, world_size=1), poll_s=0.01)))
-    rank1.start()  # waits for rank 0's store
-    said: list = []
-    data0 = resolve_data(cfg, SimpleNamespace(rank=0, world_size=1), log=said.append)
-    rank1.join(timeout=60)
-    assert waiter["cfg"].path == data0.path and Path(data0.path).parent == tmp_path / "run" / "data_cache"
+    rank0, rank1 = SimpleNamespace(rank=0, world_size=2), SimpleNamespace(rank=1, world_size=2)
+    kv, said = _KV(), []
+    calls = data_cache._calls
+    data0 = resolve_data(cfg, rank0, log=said.append, kv=kv)
+    data_cache._calls = calls  # rank 1 in its own process: the same call count, the same key
+    assert resolve_data(cfg, rank1, poll_s=0.01, kv=kv).path == data0.path
+    assert Path(data0.path).parent == tmp_path / ".chunkflow_data_cache"  # outside the run's directory
     assert is_store(data0.path) and any("prepared data.path=" in line for line in said)
+    assert not (tmp_path / "run").exists()
     said.clear()
     assert resolve_data(cfg, SimpleNamespace(rank=0, world_size=1), log=said.append).path == data0.path
     assert said == []  # up to date: nothing prepared, nothing said
     bad = _write(tmp_path / "bad.jsonl", [{"input_ids": [1, 2]}, {"input_ids": [1, 2]}, "[3]"])
     cfg = load_config(None, [f"data.path={bad}", f"train.output_dir={tmp_path / 'run'}"])
-    message = rf"bad\.jsonl:3: expected a JSON object"
-    with pytest.raises(DataError, match=message):
-        resolve_data(cfg, SimpleNamespace(rank=0, world_size=1))
-    with pytest.raises(DataError, match=message):  # the other ranks stop with the same line
-        resolve_data(cfg, SimpleNamespace(rank=1, world_size=1), poll_s=0.01)
+    calls = data_cache._calls
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: expected a JSON object") as on_rank0:
+        resolve_data(cfg, rank0, kv=kv)
+    data_cache._calls = calls
+    with pytest.raises(DataError) as on_rank1:  # the other ranks stop with the same line
+        resolve_data(cfg, rank1, poll_s=0.01, kv=kv)
+    assert str(on_rank1.value) == str(on_rank0.value)
     synthetic = load_config(None, [])
     assert resolve_data(synthetic, SimpleNamespace(rank=0, world_size=1)) is synthetic.data

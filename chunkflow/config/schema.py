@@ -130,7 +130,8 @@ class DataConfig:
     pad_to_multiple: int = 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # Where training puts the token store it prepares from a JSONL data.path (one
-    # subdirectory per input, tokenizer and store version); "" = <train.output_dir>/data_cache.
+    # subdirectory per input, tokenizer and store version); "" = .chunkflow_data_cache
+    # next to train.output_dir (outside it).
     cache_dir: str = ""
     prepare_workers: int = 0  # tokenizer processes for that preparation; 0 = every core
 
