@@ -14,7 +14,8 @@ one directory::
 Samples are stored *unshifted*, exactly as a JSONL line gives them; :class:`StoreDataset`
 shifts one sample when the loader asks for it (``input_ids = d[:-1]``, ``labels = d[1:]``,
 ``loss_mask = target[1:]``, see ``chunkflow.data.types``), so nothing but the global batch
-in hand is ever materialised and the pages of the files are shared by all ranks of a node.
+in hand is ever materialised. The files are memory-mapped for whole-array work (lengths);
+one sample is read with ``pread`` from the OS page cache, which all ranks of a node share.
 
 ``data.max_seq_len`` and ``data.overlong`` are applied when the store is opened, not when
 it is prepared, so one store serves runs of any length: ``error`` refuses the store naming
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -128,6 +130,23 @@ class TokenStore:
                            if sizes[key] else np.zeros(0, dtype=dtype))
         self.tokens, self.target = arrays["tokens"], arrays["target"]
         self.offsets, self.lines = arrays["offsets"], arrays["lines"]
+        # One sample is read with pread, not through the maps: a page fault on a map also
+        # maps up to 16 neighbouring cached pages ("fault-around"), so random samples
+        # through np.memmap left most of a warm store in each rank's RSS.
+        self._fds = {key: os.open(self.path / FILES[key][0], os.O_RDONLY)
+                     for key in ("tokens", "target", "offsets")}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def _pread(self, key: str, start: int, count: int) -> np.ndarray:
+        dtype = np.dtype(FILES[key][1])
+        raw = os.pread(self._fds[key], count * dtype.itemsize, start * dtype.itemsize)
+        if len(raw) != count * dtype.itemsize:
+            raise DataError(f"{self.path / FILES[key][0]}: short read at element {start}; the "
+                            "store is damaged (prepare it again)")
+        return np.frombuffer(raw, dtype=dtype)
 
     @property
     def max_len(self) -> int:
@@ -142,8 +161,8 @@ class TokenStore:
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw tokens ``(n,) int64`` and target ``(n,) bool`` of stored sample ``i``."""
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.tokens[a:b].astype(np.int64), self.target[a:b].astype(bool)
+        a, b = (int(x) for x in self._pread("offsets", i, 2))
+        return self._pread("tokens", a, b - a).astype(np.int64), self._pread("target", a, b - a).astype(bool)
 
     def where(self, i: int) -> str:
         """``file:line`` of the input line stored sample ``i`` came from."""
