@@ -115,9 +115,11 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # JSONL file; empty = synthetic data
+    # JSONL file, token store (scripts/prepare_data.py) or Megatron .bin/.idx prefix;
+    # empty = synthetic data. See docs/data.md.
+    path: str = ""
     # Local tokenizer directory (tokenizer.json + optional tokenizer_config.json) or its
-    # tokenizer.json, for "text" / "prompt" / "messages" samples. See docs/data_formats.md.
+    # tokenizer.json, for "text" / "prompt" / "messages" samples. See docs/data.md.
     tokenizer: str = ""
     max_seq_len: int = 1024  # longest sample (tokens) and Megatron micro-batch capacity
     global_batch_size: int = 16  # samples per optimizer step, across data-parallel ranks
@@ -129,6 +131,11 @@ class DataConfig:
     # pads to the tensor size. Padding carries no loss and no real token attends to it.
     pad_to_multiple: int = 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Where training puts the token store it prepares from a JSONL data.path (one
+    # subdirectory per input, tokenizer and store version); "" = .chunkflow_data_cache
+    # next to train.output_dir (outside it).
+    cache_dir: str = ""
+    prepare_workers: int = 0  # tokenizer processes for that preparation; 0 = every core
 
 
 @dataclass

@@ -61,6 +61,7 @@ NUMBER_RULES: dict[str, Rule] = {
     "data.global_batch_size": INT_GE1,
     "data.seed": INT_GE0,
     "data.pad_to_multiple": INT_GE1,
+    "data.prepare_workers": INT_GE0,
     "data.synthetic.num_samples": INT_GE1,
     "data.synthetic.short_fraction": FRACTION,
     "data.synthetic.medium_fraction": FRACTION,

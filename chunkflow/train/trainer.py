@@ -56,7 +56,10 @@ class Trainer:
         from chunkflow.data.dataset import load_samples
         from chunkflow.data.loader import StepPlanLoader
 
-        self.samples, self.data_desc = load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
+        from chunkflow.train.data_cache import resolve_data
+
+        data_cfg = resolve_data(cfg, ctx, log=print if ctx.rank == 0 else (lambda *a, **k: None))
+        self.samples, self.data_desc = load_samples(data_cfg, vocab_size=cfg.model.vocab_size)
         self.loader = StepPlanLoader.from_config(cfg, self.samples, dp_size=ctx.dp_size)
 
         self.model, self.tc = build_model_and_ddp(cfg, ctx, prepare=self._prepare_model)
