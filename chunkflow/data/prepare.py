@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from chunkflow.data.reader import DataError, _check_sample, _decode, _parse_line
+from chunkflow.data.formats import RecordEncoder
+from chunkflow.data.reader import DataError, _decode
 from chunkflow.data.store import (FILES, INDEX, STORE_FORMAT, STORE_VERSION, TOKEN_DTYPE,
                                   file_sha256, is_store, tokenizer_identity)
-from chunkflow.data.tokenizer import ChatTemplate, load_tokenizer
 
 __all__ = ["PrepareSummary", "prepare_store", "encode_line", "input_fingerprint", "store_is_current",
            "length_histogram"]
@@ -72,16 +72,17 @@ class PrepareSummary:
         return text
 
 
-def encode_line(line: str, where: str, tokenizer: Any, template: Any) -> tuple[np.ndarray, np.ndarray]:
+def encode_line(line: str, where: str, encoder: RecordEncoder) -> tuple[np.ndarray, np.ndarray]:
     """THE call site turning one JSONL line into raw tokens ``(n,) int64`` and target
-    ``(n,) bool`` for the store, with the reader's checks (ids in the store's range)."""
-    tokens, target = _parse_line(line, where, tokenizer, template)
+    ``(n,) bool`` for the store: the record formats and chat templates of
+    :class:`~chunkflow.data.formats.RecordEncoder`, and ids in the store's range (the
+    model's vocabulary is checked when the store is opened for training)."""
+    tokens, target = encoder.encode(line, where)
     outside = (tokens < 0) | (tokens >= TOKEN_LIMIT)
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         raise DataError(f"{where}: token id {int(tokens[i])} at position {i} is outside [0, 2**32): "
                         "token ids are >= 0 and must fit in 32 bits")
-    _check_sample(tokens, target, where, TOKEN_LIMIT)  # length and loss tokens; vocab at load
     return tokens, target
 
 
@@ -120,15 +121,13 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer: str) -> None:
-    tok = load_tokenizer(tokenizer) if tokenizer else None
-    _WORKER["tokenizer"] = tok
-    _WORKER["template"] = ChatTemplate(tok) if tok is not None else None
+    _WORKER["encoder"] = RecordEncoder.from_path(tokenizer or None)
 
 
 def _encode_batch(job: tuple[str, int, list[bytes]]) -> dict[str, Any]:
     """Encode consecutive lines of one file; blank lines are counted, not stored."""
     path, first_line, raws = job
-    tok, template = _WORKER["tokenizer"], _WORKER["template"]
+    encoder = _WORKER["encoder"]
     tokens, target, lengths, lines = [], [], [], []
     blank, max_id, max_where, loss = 0, -1, "", 0
     for k, raw in enumerate(raws):
@@ -137,7 +136,7 @@ def _encode_batch(job: tuple[str, int, list[bytes]]) -> dict[str, Any]:
         if not line.strip():
             blank += 1
             continue
-        ids, tgt = encode_line(line, where, tok, template)
+        ids, tgt = encode_line(line, where, encoder)
         top = int(ids.max())
         if top > max_id:
             max_id, max_where = top, f"{where}: token id {top} at position {int(ids.argmax())}"

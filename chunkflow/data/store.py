@@ -51,7 +51,7 @@ TOKEN_DTYPE = np.uint32
 INDEX = "index.json"
 FILES = {"tokens": ("tokens.bin", np.uint32), "target": ("target.bin", np.uint8),
          "offsets": ("offsets.bin", np.int64), "lines": ("lines.bin", np.int64)}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def is_store(path: str | Path) -> bool:
