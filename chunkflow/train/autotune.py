@@ -72,6 +72,7 @@ GPU_MARGIN_FRACTION = 0.10
 GPU_MARGIN_MIN_BYTES = 2 * 2**30
 PLANNED_BATCHES = 4  # global batches planned per candidate C
 K_CHOICES = (1, 2, 3, 4, 6, 8)
+TINY = 16  # tokens of the chunks that time the per-chunk overhead
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,11 @@ def candidate_grid(cfg: Config, pad_multiple: int = 1) -> tuple[list[int], list[
 def evaluate(
     batches: Sequence[Sequence[Sample]], *, chunk_sizes: Sequence[int], ks: Sequence[int], dp_size: int,
     num_stages: int, memory: Sequence[StageMemory], time: StageTime, cost_model: CostModel,
-    offload_kv: bool = False,
+    offload_kv: bool = False, p2p_s: float = 0.0,
 ) -> list[Candidate]:
     """Predicted memory and time of every (C, K) on ``batches`` (pure). ``memory[s]`` is
-    stage s's fit. A K above the most chunks any sample has behaves as that many and is
-    skipped."""
+    stage s's fit; ``p2p_s`` the seconds of one point-to-point transfer. A K above the
+    most chunks any sample has behaves as that many and is skipped."""
     out = []
     for c in chunk_sizes:
         plans = [plan_chunkflow_step(b, dp_size=dp_size, chunk_size=c, cost_model=cost_model) for b in batches]
@@ -204,7 +205,8 @@ def evaluate(
                     for s in range(num_stages):
                         mem = max(mem, memory[s].peak(pp.actions(s), rows, offload_kv=offload_kv))
                     costs = [estimate_cost(r, cost_model=cost_model) for r in rows]
-                    tl = simulate(pp, [time.forward(x) for x in costs], [time.backward(x) for x in costs])
+                    tl = simulate(pp, [time.forward(x) for x in costs], [time.backward(x) for x in costs],
+                                  p2p_latency=p2p_s)
                     if tl.makespan >= step:
                         step, bubble = tl.makespan, tl.bubble_fraction
                 times.append(step)
@@ -294,7 +296,8 @@ def _fit_time(points: Sequence[tuple[int, float, float]]) -> tuple[float, float]
 def profile_stage(cfg: Config, model: Any, ctx: Any, chunk_size: int, *,
                   cost_model: CostModel) -> tuple[StageMemory, dict]:
     """Measure this rank's stage: a long sample of 3 chunks of C1, 2 chunks of C2 = 2 C1,
-    3 chunks of C1 again, and one standalone chunk of C2, with K = 1 (one graph alive). Every rank of the run
+    3 chunks of C1 again, and one standalone chunk of C2 followed by three tiny ones, with
+    K = 1 (one graph of the long sample alive). Every rank of the run
     must call it (the pipeline communicates). Returns this stage's memory fit and the
     (tokens, cost, seconds) of its forwards and backwards."""
     import torch
@@ -309,8 +312,10 @@ def profile_stage(cfg: Config, model: Any, ctx: Any, chunk_size: int, *,
     rng = _rng_state(ctx.device)
     measured, points = [], {"forward": [], "backward": []}
     try:
-        for c, n in ((c1, 3), (c2, 2), (c1, 3), (c2, 1)):  # the last: one standalone chunk
-            rows = chunk_rows([n * c], c)
+        # The last run: one standalone chunk of C2, then TINY-token chunks that time the
+        # fixed cost of a chunk (launches, framework) the per-cost fit cannot see.
+        for c, n in ((c1, 3), (c2, 2), (c1, 3), (c2, 1)):
+            rows = chunk_rows([n * c], c) + (chunk_rows([TINY], TINY) * 3 if n == 1 else [])
             model.zero_grad_buffer()
             result = schedule.run(rows)
             measured.append((c, n, result.extra))
