@@ -91,11 +91,13 @@ class StageMemory:
 
     def peak(self, actions: Sequence[Any], rows: Sequence[PackedRow], *, offload_kv: bool = False) -> float:
         """Predicted peak bytes of a stage running ``actions`` over ``rows``: the peaks of
-        (live activations + saved prefixes), K/V state and cached inputs, summed."""
-        live: dict[int, float] = {}  # mb -> bytes held by its graph
+        live activations, of the K/V prefixes they saved, of the K/V state and of cached
+        inputs, summed (the benchmark sums its measured parts peak by peak too)."""
+        live: dict[int, float] = {}  # mb -> activation bytes held by its graph
+        keys: dict[int, float] = {}  # mb -> K/V prefix bytes its graph saved
         stored: dict[Any, int] = {}  # long sample -> tokens in the K/V store
         cached = 0.0
-        peak_live = peak_state = peak_cache = 0.0
+        peak_live = peak_keys = peak_state = peak_cache = 0.0
         recomputed = {a.mb for a in actions if isinstance(a, Recompute)}
         for a in actions:
             if isinstance(a, Free):
@@ -114,17 +116,19 @@ class StageMemory:
             if isinstance(a, Recompute):
                 cached -= self.input_per_token * n
             if isinstance(a, Recompute) or (isinstance(a, Forward) and a.keep_graph):
-                keys = int(row.position_ids[0]) + n if row.dependent else 0
-                live[a.mb] = self.act(n) + self.kv_saved_per_token * keys
+                live[a.mb] = self.act(n)
+                keys[a.mb] = self.kv_saved_per_token * (int(row.position_ids[0]) + n if row.dependent else 0)
             elif isinstance(a, Backward):
                 live.pop(a.mb, None)
+                keys.pop(a.mb, None)
             tokens = sum(stored.values())
             if offload_kv:  # about one chunk's K/V per layer on the device
                 tokens = min(tokens, max((len(r) for r in rows), default=0))
             peak_live = max(peak_live, sum(live.values()))
+            peak_keys = max(peak_keys, sum(keys.values()))
             peak_state = max(peak_state, (self.kv_state_per_token + self.kv_grad_per_token) * tokens)
             peak_cache = max(peak_cache, cached)
-        return peak_live + peak_state + peak_cache
+        return peak_live + peak_keys + peak_state + peak_cache
 
 
 @dataclass(frozen=True)
@@ -379,8 +383,10 @@ def autotune(cfg: Config, model: Any, ctx: Any, samples: Sequence[Sample], *,
     pad = row_pad_multiple(cfg)
     sizes, ks = candidate_grid(cfg, pad)
     cost_model = CostModel.from_model_config(cfg.model)
-    c1 = min(max(sizes[0], 128), max(64, cfg.data.max_seq_len // 2))
-    c1 = max(pad, c1 // pad * pad)
+    # Profile where the choice is made: the candidate nearest max_seq_len / 8 (at least
+    # 128); a per-cost fit from much smaller chunks overrates large ones on a CPU.
+    c1 = min(sizes, key=lambda c: abs(math.log2(c) - math.log2(max(128, cfg.data.max_seq_len // 8))))
+    c1 = max(pad, min(c1, max(64, cfg.data.max_seq_len // 2)) // pad * pad)
     mem, points = profile_stage(cfg, model, ctx, c1, cost_model=cost_model)
     gathered = _gather(ctx, (ctx.pp_rank, mem, points))
     memory = [StageMemory(*(max(getattr(m, f.name) for s, m, _ in gathered if s == stage)
