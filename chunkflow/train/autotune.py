@@ -94,7 +94,7 @@ class StageMemory:
         live activations, of the K/V prefixes they saved, of the K/V state and of cached
         inputs, summed (the benchmark sums its measured parts peak by peak too)."""
         live: dict[int, float] = {}  # mb -> activation bytes held by its graph
-        keys: dict[int, float] = {}  # mb -> K/V prefix bytes its graph saved
+        keys: dict[int, tuple] = {}  # mb -> (sample, K/V prefix + own bytes its graph saved)
         stored: dict[Any, int] = {}  # long sample -> tokens in the K/V store
         cached = 0.0
         peak_live = peak_keys = peak_state = peak_cache = 0.0
@@ -117,7 +117,8 @@ class StageMemory:
                 cached -= self.input_per_token * n
             if isinstance(a, Recompute) or (isinstance(a, Forward) and a.keep_graph):
                 live[a.mb] = self.act(n)
-                keys[a.mb] = self.kv_saved_per_token * (int(row.position_ids[0]) + n if row.dependent else 0)
+                if row.dependent:
+                    keys[a.mb] = (sample, self.kv_saved_per_token * (int(row.position_ids[0]) + n))
             elif isinstance(a, Backward):
                 live.pop(a.mb, None)
                 keys.pop(a.mb, None)
@@ -125,7 +126,10 @@ class StageMemory:
             if offload_kv:  # about one chunk's K/V per layer on the device
                 tokens = min(tokens, max((len(r) for r in rows), default=0))
             peak_live = max(peak_live, sum(live.values()))
-            peak_keys = max(peak_keys, sum(keys.values()))
+            saved: dict[Any, float] = {}  # a sample's live chunks share its stored K/V blocks
+            for smp, b in keys.values():
+                saved[smp] = max(saved.get(smp, 0.0), b)
+            peak_keys = max(peak_keys, sum(saved.values()))
             peak_state = max(peak_state, (self.kv_state_per_token + self.kv_grad_per_token) * tokens)
             peak_cache = max(peak_cache, cached)
         return peak_live + peak_keys + peak_state + peak_cache
