@@ -194,12 +194,14 @@ def verify_equivalence(cfg: Config, ctx: ParallelContext, *, full_state: Optiona
     ``full_state`` (a full TP=1/PP=1 state dict, used by tests) overrides the
     configured weights. Every rank returns the same report.
     """
+    from chunkflow.config.validate import require_chunking
     from chunkflow.data.dataset import load_samples
     from chunkflow.data.loader import GlobalBatchLoader
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
     from chunkflow.train.build import build_model_and_ddp, build_schedule, row_pad_multiple
     from chunkflow.train.megatron_schedule import MegatronSchedule
 
+    require_chunking(cfg, "verify")  # chunk_size/k = auto are resolved by the trainer only
     samples, _ = load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
     batch = next(iter(GlobalBatchLoader(samples, global_batch_size=cfg.data.global_batch_size,
                                         seed=cfg.data.seed, shuffle=cfg.data.shuffle)))

@@ -23,7 +23,7 @@ import yaml
 
 from chunkflow.config.errors import ConfigError
 from chunkflow.config.hf import apply_hf_config
-from chunkflow.config.schema import Config
+from chunkflow.config.schema import AUTO, Config, IntOrAuto
 
 __all__ = ["ConfigError", "load_config", "apply_overrides", "config_to_dict", "dump_config"]
 
@@ -42,6 +42,13 @@ def _nearest(key: str, options: Sequence[str]) -> str:
 
 
 def _coerce(value: Any, typ: Any, path: str) -> Any:
+    if typ == IntOrAuto:  # a whole number or "auto" (chunkflow.chunk_size, chunkflow.k)
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return _coerce(value, int, path)
+        except ConfigError:
+            raise ConfigError(f"{path}: expected an integer or '{AUTO}', got {value!r}") from None
     origin = typing.get_origin(typ)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(typ) if a is not type(None)]

@@ -10,7 +10,7 @@ NaN and infinity never pass), then the rules that tie fields together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = [
     "ModelConfig",
@@ -36,6 +36,8 @@ __all__ = [
     "TINY_DEFAULT_MAX_HIDDEN",
     "NONFINITE",
     "SIGNALS",
+    "AUTO",
+    "IntOrAuto",
 ]
 
 SCHEDULES = ("megatron", "chunkflow")
@@ -50,6 +52,10 @@ OVERLONG = ("error", "truncate", "drop")
 BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend
 NONFINITE = ("abort", "skip")  # train.nonfinite
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")  # train.preempt_signals
+# chunkflow.chunk_size and chunkflow.k take a whole number or AUTO: the trainer then picks
+# them from train.memory_budget_mb (chunkflow/train/autotune.py, docs/autotune.md).
+AUTO = "auto"
+IntOrAuto = Union[int, str]
 # A large model (hidden_size >= TINY_DEFAULT_MAX_HIDDEN, 8x the tiny default) whose config
 # never set one of these fields (YAML, override or model.hf_dir) still has the tiny CPU
 # value, e.g. hidden_size 3584 with vocab_size 512: an error lists them and suggests
@@ -187,6 +193,12 @@ class TrainConfig:
     # by name in chunkflow.train.metrics.PEAK_TFLOPS (bf16 tensor-core figures). On CPU,
     # or on a GPU the table does not know, mfu is null unless this is set.
     peak_tflops: float = 0.0
+    # Per-rank memory in MiB that a step may use beyond weights, gradients and optimizer
+    # state: saved activations, K/V state and the pipeline's cached inputs (the quantity
+    # bench.memory_budget_mb budgets). Read by chunkflow.chunk_size/k = auto; 0 = on GPU
+    # the device's free memory after the model is built minus a margin (docs/autotune.md),
+    # on CPU an error (set it).
+    memory_budget_mb: float = 0.0
 
 
 @dataclass
@@ -207,8 +219,12 @@ class SpaCOConfig:
 
 @dataclass
 class ChunkFlowConfig:
-    chunk_size: int = 256  # C: tokens per chunk
-    k: int = 1  # K: chunks of one long sample whose activations may be alive at once
+    chunk_size: IntOrAuto = 256  # C: tokens per chunk, or "auto" (train.memory_budget_mb)
+    k: IntOrAuto = 1  # K: chunks of one long sample whose activations may be alive at once, or "auto"
+    # Keep long samples' K/V state off the device between uses (about one chunk's K/V per
+    # layer on the device at a time instead of the whole prefix); the memory model of
+    # chunk_size/k = auto counts it so.
+    offload_kv: bool = False
     # With train.schedule=chunkflow: "chunkflow" (any K); "seco" = sequential chunk-wise
     # optimisation, K = 1 (exact; one chunk's activations alive per long sample); "spaco" =
     # seco that back-propagates only a sampled subset of each long sample's chunks

@@ -13,11 +13,12 @@ import math
 from typing import Any, Callable, Collection, Iterator, Optional
 
 from chunkflow.config.loader import ConfigError
-from chunkflow.config.schema import (BACKENDS, DTYPES, LORA_TARGETS, MODES, NONFINITE, OVERLONG,
+from chunkflow.config.schema import (AUTO, BACKENDS, DTYPES, LORA_TARGETS, MODES, NONFINITE, OVERLONG,
                                      RECOMPUTE, SCHEDULES, SIGNALS, SPACO_SAMPLERS, TINY_DEFAULT_FIELDS,
                                      TINY_DEFAULT_MAX_HIDDEN, Config, ModelConfig)
 
-__all__ = ["validate_config", "validate_layout", "divisors", "CHOICES", "NUMBER_RULES", "CROSS_CHECKED"]
+__all__ = ["validate_config", "validate_layout", "divisors", "CHOICES", "NUMBER_RULES", "CROSS_CHECKED",
+           "AUTO_FIELDS", "require_chunking"]
 
 # field -> allowed values (a list field: each entry).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -84,6 +85,7 @@ NUMBER_RULES: dict[str, Rule] = {
     "train.peak_tflops": NON_NEGATIVE,
     "train.max_skipped": INT_GE1,
     "train.grad_bucket_params": INT_GE0,
+    "train.memory_budget_mb": NON_NEGATIVE,
     "chunkflow.k": INT_GE1,
     "lora.rank": INT_GE1,
     "lora.alpha": POSITIVE,
@@ -97,6 +99,8 @@ NUMBER_RULES: dict[str, Rule] = {
     "bench.sweep_k": INT_GE1,
 }
 # Numbers whose range depends on other fields: checked (finite first) further down.
+# Whole numbers that may also be AUTO (chunkflow/train/autotune.py picks them).
+AUTO_FIELDS = ("chunkflow.chunk_size", "chunkflow.k")
 CROSS_CHECKED = ("chunkflow.chunk_size", "chunkflow.spaco.budget", "chunkflow.spaco.max_factor",
                  "data.synthetic.min_len")
 
@@ -135,8 +139,19 @@ def _check_choices(values: dict[str, Any]) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
 
 
+def _check_auto(values: dict[str, Any]) -> None:
+    """An AUTO_FIELDS entry is a whole number or AUTO (the loader coerces YAML and
+    overrides; this catches a ``Config`` built in code)."""
+    for key in AUTO_FIELDS:
+        value = values[key]
+        if value != AUTO and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{key}={value!r} is invalid: use a positive integer or {AUTO}")
+
+
 def _check_numbers(values: dict[str, Any]) -> None:
     for key, value in values.items():
+        if key in AUTO_FIELDS and value == AUTO:
+            continue
         items = value if isinstance(value, (list, tuple)) else [value]
         fix = NUMBER_RULES[key][1] if key in NUMBER_RULES else "a finite number"
         if any(_is_number(v) and not math.isfinite(v) for v in items):
@@ -198,6 +213,7 @@ def validate_config(cfg: Config, explicit: Optional[Collection[str]] = None) -> 
     m, p, d, c = cfg.model, cfg.parallel, cfg.data, cfg.chunkflow
     values = dict(_leaves(cfg))
     _check_choices(values)
+    _check_auto(values)
     _check_numbers(values)
     if explicit is not None:
         _check_tiny_defaults(m, explicit)
@@ -248,7 +264,7 @@ def validate_config(cfg: Config, explicit: Optional[Collection[str]] = None) -> 
     # full chunk would be padded and later chunks of its sample would attend to the
     # padding's K/V; only a sample's last chunk may be short.
     multiple = math.lcm(d.pad_to_multiple, p.tensor if p.sequence_parallel else 1)
-    if c.chunk_size <= 0 or c.chunk_size > d.max_seq_len or c.chunk_size % multiple:
+    if c.chunk_size != AUTO and (c.chunk_size <= 0 or c.chunk_size > d.max_seq_len or c.chunk_size % multiple):
         why = ""
         if multiple > 1:
             why = (f" (data.pad_to_multiple={d.pad_to_multiple}"
@@ -286,7 +302,7 @@ def _validate_seco_spaco(cfg: Config) -> None:
             f"chunkflow.mode={c.mode} runs on the chunk engine: set train.schedule=chunkflow "
             f"(got train.schedule={cfg.train.schedule})"
         )
-    if c.k != 1:
+    if c.k not in (1, AUTO):  # auto resolves to 1 here
         raise ConfigError(
             f"chunkflow.mode={c.mode} keeps one chunk's activations alive (K = 1); got "
             f"chunkflow.k={c.k}: set chunkflow.k=1, or use chunkflow.mode=chunkflow for K > 1"
@@ -302,6 +318,16 @@ def _validate_lora(cfg: Config) -> None:
         return
     if cfg.parallel.sequence_parallel:
         raise ConfigError("lora.enabled=true does not support parallel.sequence_parallel=true; set it to false")
+
+
+def require_chunking(cfg: Config, tool: str) -> None:
+    """Refuse AUTO in ``chunkflow.chunk_size``/``k`` for a tool that does not run the
+    trainer's autotuning (chunkflow/train/autotune.py)."""
+    for key in AUTO_FIELDS:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) == AUTO:
+            raise ConfigError(f"{key}={AUTO} is resolved by the trainer (scripts/finetune.py); {tool} "
+                              f"needs a number: set {key}=<integer>")
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:

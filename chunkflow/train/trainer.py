@@ -31,6 +31,7 @@ from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.train.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 from chunkflow.train.errors import load_checkpoint_checked
 from chunkflow.train.loggers import build_sinks, check_sink_packages
+from chunkflow.train.autotune import autotune, needs_autotune
 from chunkflow.train.build import build_model_and_ddp, build_schedule
 from chunkflow.train.metrics import (MetricsWriter, PeakMemory, device_clock, gather_rank_stats,
                                      resolve_peak_tflops, step_flops, throughput_metrics)
@@ -60,12 +61,18 @@ class Trainer:
 
         data_cfg = resolve_data(cfg, ctx, log=print if ctx.rank == 0 else (lambda *a, **k: None))
         self.samples, self.data_desc = load_samples(data_cfg, vocab_size=cfg.model.vocab_size)
-        self.loader = StepPlanLoader.from_config(cfg, self.samples, dp_size=ctx.dp_size)
 
         self.model, self.tc = build_model_and_ddp(cfg, ctx, prepare=self._prepare_model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.tc.grad_scale_func = self.optimizer.scale_loss if cfg.model.dtype == "fp16" else None
+        self.autotune_report: Optional[dict] = None
+        if needs_autotune(cfg):  # chunkflow.chunk_size / k = auto: profile, simulate, choose
+            trainable = sum(p.numel() for p in self.model.module.parameters() if p.requires_grad)
+            cfg, self.autotune_report = autotune(cfg, self.model, ctx, self.samples, log=self.log,
+                                                 trainable_params=trainable)
+            self.cfg = cfg
+        self.loader = StepPlanLoader.from_config(cfg, self.samples, dp_size=ctx.dp_size)
         self.schedule = build_schedule(cfg, self.model, ctx)
 
         self.step = 0
