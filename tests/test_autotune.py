@@ -208,3 +208,26 @@ def test_autotune_on_the_real_model_predicts_an_upper_bound_that_fits():
         assert measured <= predicted <= 1.6 * measured, (key, measured, predicted)
     measured = max(o["measured"][chosen][0] for o in outs)
     assert measured <= outs[0]["budget"]
+
+
+def test_a_resumed_run_keeps_the_pair_its_checkpoint_trained_with(tmp_path):
+    """Resume reuses the saved (C, K) instead of choosing again on other batches, so the
+    float order and hence the resume stay exact; anything else chooses anew."""
+    import json
+
+    from chunkflow.train.trainer import _saved_chunking
+
+    def ckpt(name, config):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "trainer.json").write_text(json.dumps({"step": 3, "config": config}))
+        return str(d)
+
+    chunkflow_run = {"train": {"schedule": "chunkflow"}, "chunkflow": {"chunk_size": 512, "k": 3}}
+    assert _saved_chunking(ckpt("a", chunkflow_run)) == (512, 3)
+    assert _saved_chunking(ckpt("b", {"train": {"schedule": "megatron"}, "chunkflow": {"chunk_size": 512, "k": 3}})) is None
+    assert _saved_chunking(ckpt("c", {})) is None  # e.g. an imported HF model
+    assert _saved_chunking("") is None and _saved_chunking(str(tmp_path / "missing")) is None
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "trainer.json").write_text("{not json")
+    assert _saved_chunking(str(tmp_path / "torn")) is None  # the checkpoint check names it later

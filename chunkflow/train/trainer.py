@@ -66,17 +66,23 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.tc.grad_scale_func = self.optimizer.scale_loss if cfg.model.dtype == "fp16" else None
+        self.loaded_from = self._resolve_load()
         self.autotune_report: Optional[dict] = None
         if needs_autotune(cfg):  # chunkflow.chunk_size / k = auto: profile, simulate, choose
-            trainable = sum(p.numel() for p in self.model.module.parameters() if p.requires_grad)
-            cfg, self.autotune_report = autotune(cfg, self.model, ctx, self.samples, log=self.log,
-                                                 trainable_params=trainable)
+            chosen = _saved_chunking(self.loaded_from)
+            if chosen:  # a resumed run keeps its (C, K): the same float order, an exact resume
+                cfg = dataclasses.replace(cfg, chunkflow=dataclasses.replace(
+                    cfg.chunkflow, chunk_size=chosen[0], k=chosen[1]))
+                self.log(f"chunkflow.chunk_size/k=auto: (C, K) = {chosen} as chosen before {self.loaded_from}")
+            else:
+                trainable = sum(p.numel() for p in self.model.module.parameters() if p.requires_grad)
+                cfg, self.autotune_report = autotune(cfg, self.model, ctx, self.samples, log=self.log,
+                                                     trainable_params=trainable)
             self.cfg = cfg
         self.loader = StepPlanLoader.from_config(cfg, self.samples, dp_size=ctx.dp_size)
         self.schedule = build_schedule(cfg, self.model, ctx)
 
         self.step = 0
-        self.loaded_from = self._resolve_load()
         if self.loaded_from:
             state = load_checkpoint_checked(self.loaded_from, cfg, model=self.model, optimizer=self.optimizer)
             self.step = int(state["step"])
@@ -408,3 +414,22 @@ def _git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", ""
     return f"{sha}{'+dirty' if dirty else ''}" if sha else chunkflow.__version__
+
+
+def _saved_chunking(ckpt: str) -> Optional[tuple[int, int]]:
+    """(chunk_size, k) a checkpoint's run trained with, when it ran ChunkFlow with numbers
+    (an automatic choice is saved resolved); None otherwise (no checkpoint, an import,
+    another schedule). A damaged trainer.json is named later by the checkpoint check."""
+    if not ckpt:
+        return None
+    try:
+        import json
+
+        saved = json.loads((Path(ckpt) / "trainer.json").read_text()).get("config", {})
+        c = saved.get("chunkflow", {})
+        if saved.get("train", {}).get("schedule") != "chunkflow":
+            return None
+        size, k = c.get("chunk_size"), c.get("k")
+        return (size, k) if isinstance(size, int) and isinstance(k, int) else None
+    except (OSError, ValueError, AttributeError):
+        return None
