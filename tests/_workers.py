@@ -130,6 +130,18 @@ def compare_sharded(grads: dict, ref: dict, ddp, ctx, offset: int) -> float:
     return worst
 
 
+def reference_then_check(rank: int, world: int, ref_overrides, overrides, samples, runs) -> dict:
+    """World size 1, one process for both halves: :func:`full_reference` (with
+    ``ref_overrides``), process groups torn down, then :func:`layout_check` (with
+    ``overrides``) against it. Saves a process start per comparison."""
+    from chunkflow.parallel.distributed import destroy_distributed
+
+    assert world == 1, "the reference is a world-size-1 run"
+    ref = full_reference(rank, world, ref_overrides, samples)
+    destroy_distributed()
+    return {"ref": ref, "results": layout_check(rank, world, overrides, samples, ref, runs)}
+
+
 def layout_check(rank: int, world: int, overrides, samples, ref: dict, runs) -> list:
     """Run several (schedule, k, chunk_size) on one layout against the full reference."""
     cfg, ctx, ddp, offset = setup(overrides, ref["state"])

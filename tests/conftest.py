@@ -30,3 +30,24 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def reference_of():
+    """``reference_of(lengths, seed)``: the world-size-1 Megatron-path loss, gradients and
+    weights (tests/_workers.py ``full_reference``) for ``make_samples(lengths, seed)``,
+    computed once per session. Several layout tests compare against the same reference;
+    each computation is a process start and a model build."""
+    from _workers import full_reference, make_samples
+
+    from chunkflow.parallel.spawn import run_distributed
+
+    cache: dict = {}
+
+    def get(lengths, seed: int) -> dict:
+        key = (tuple(lengths), seed)
+        if key not in cache:
+            cache[key] = run_distributed(full_reference, 1, ([], make_samples(list(lengths), seed=seed)))[0]
+        return cache[key]
+
+    return get

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from _workers import full_reference, layout_check, make_samples
+from _workers import layout_check, make_samples, reference_then_check
 from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
@@ -38,9 +38,8 @@ def _check(results, ref, tol):
 def test_grid_single_process(dtype, tol):
     samples = make_samples(LENGTHS, seed=1)
     ov = [f"model.dtype={dtype}"]
-    ref = run_distributed(full_reference, 1, (ov, samples))[0]
-    results = run_distributed(layout_check, 1, (ov, samples, ref, GRID))[0]
-    _check(results, ref, tol)
+    out = run_distributed(reference_then_check, 1, (ov, ov, samples, GRID))[0]
+    _check(out["results"], out["ref"], tol)
 
 
 def test_random_long_tailed_batches():
@@ -52,15 +51,15 @@ def test_random_long_tailed_batches():
     for seed in (3, 4):
         lengths = synthetic_lengths(syn, max_seq_len=512, seed=seed).tolist()
         samples = make_samples(lengths, seed=seed)
-        ref = run_distributed(full_reference, 1, ([], samples))[0]
-        results = run_distributed(layout_check, 1, ([], samples, ref, [("chunkflow", 1, 64), ("chunkflow", 2, 96)]))[0]
-        _check(results, ref, 1e-5)
+        runs = [("chunkflow", 1, 64), ("chunkflow", 2, 96)]
+        out = run_distributed(reference_then_check, 1, ([], [], samples, runs))[0]
+        _check(out["results"], out["ref"], 1e-5)
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.tensor=1"]], ids=["tp2", "dp2"])
-def test_two_ranks_match_the_full_reference(layout):
+def test_two_ranks_match_the_full_reference(layout, reference_of):
     samples = make_samples(LENGTHS, seed=2)
-    ref = run_distributed(full_reference, 1, ([], samples))[0]
+    ref = reference_of(LENGTHS, 2)
     runs = [("megatron", None, None), ("chunkflow", 1, 64), ("chunkflow", 2, 48)]
     per_rank = run_distributed(layout_check, 2, (layout + ["parallel.pipeline=1"], samples, ref, runs))
     for results in per_rank:
@@ -72,7 +71,6 @@ def test_megatron_activation_recompute_inside_chunks(recompute):
     """megatron's recompute re-runs a chunk's forward inside backward: the chunk context
     (K/V prefix, RoPE offset) must still be in force then, or gradients go wrong."""
     samples = make_samples(LENGTHS, seed=4)
-    ref = run_distributed(full_reference, 1, ([], samples))[0]
-    results = run_distributed(layout_check, 1, ([f"train.recompute={recompute}"], samples, ref,
-                                                [("chunkflow", 1, 64), ("chunkflow", 2, 48)]))[0]
-    _check(results, ref, 1e-5)
+    out = run_distributed(reference_then_check, 1, ([], [f"train.recompute={recompute}"], samples,
+                                                    [("chunkflow", 1, 64), ("chunkflow", 2, 48)]))[0]
+    _check(out["results"], out["ref"], 1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from _workers import full_reference, layout_check, make_samples
+from _workers import layout_check, make_samples
 from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
@@ -17,9 +17,9 @@ LENGTHS = [300, 40, 17, 90, 5, 130, 64, 200]
     [["parallel.pipeline=2"], ["parallel.tensor=2"], ["parallel.pipeline=1"]],
     ids=["pp2", "tp2", "dp2"],
 )
-def test_layout_matches_single_process(layout):
+def test_layout_matches_single_process(layout, reference_of):
     samples = make_samples(LENGTHS, seed=3)
-    ref = run_distributed(full_reference, 1, ([], samples))[0]
+    ref = reference_of(LENGTHS, 3)
     per_rank = run_distributed(layout_check, 2, (layout, samples, ref, [("megatron", None, None)]))
     losses = [r[0]["loss"] for r in per_rank if r[0]["loss"] is not None]
     assert losses and all(abs(x - ref["loss"]) < 1e-5 * ref["loss"] for x in losses)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from _workers import full_reference, layout_check, make_samples
+from _workers import layout_check, make_samples
 from chunkflow.parallel.spawn import run_distributed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
@@ -21,9 +21,9 @@ RUNS = [("chunkflow", 1, 64), ("chunkflow", 2, 48)]
      (["parallel.pipeline=2", "parallel.tensor=2"], 4)],
     ids=["pp2", "pp4", "pp2xtp2"],
 )
-def test_pipeline_matches_full_reference(layout, world):
+def test_pipeline_matches_full_reference(layout, world, reference_of):
     samples = make_samples(LENGTHS, seed=2)
-    ref = run_distributed(full_reference, 1, ([], samples))[0]
+    ref = reference_of(LENGTHS, 2)
     per_rank = run_distributed(layout_check, world, (layout, samples, ref, RUNS), timeout_s=400)
     losses = 0
     for results in per_rank:
@@ -52,9 +52,9 @@ def test_signature_matches_megatrons_pipeline_schedule():
         assert (ours[name].default is inspect.Parameter.empty) == (p.default is inspect.Parameter.empty), name
 
 
-def test_forward_only_evaluation_matches_full_sequence_loss():
+def test_forward_only_evaluation_matches_full_sequence_loss(reference_of):
     samples = make_samples(LENGTHS, seed=6)
-    ref = run_distributed(full_reference, 1, ([], samples))[0]
+    ref = reference_of(LENGTHS, 6)
     from _workers import forward_only_loss
 
     losses = run_distributed(forward_only_loss, 2, (["parallel.pipeline=2"], samples, ref))
