@@ -324,3 +324,13 @@ def sp_layout_check(rank: int, world: int, overrides, samples, ref: dict, runs) 
     if ctx.pp_size == 1:
         tokens = _per_token_losses(ddp, ctx, samples, pad=row_pad_multiple(cfg))
     return {"results": results, "sp_params": marked, "token_losses": tokens, "tp_rank": ctx.tp_rank}
+
+
+def write_pid_and_wait(rank: int, world: int, pid_dir: str) -> None:
+    """Write this rank's pid to ``pid_dir/<rank>`` and wait (a rank whose parent dies)."""
+    import os
+    import time
+
+    with open(os.path.join(pid_dir, str(rank)), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)

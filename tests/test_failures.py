@@ -67,3 +67,33 @@ def test_stopped_rank_ends_the_job_within_the_timeout(tmp_path, layout):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("rank 0: lost contact with the other ranks"), err
     assert f"{TIMEOUT_S * 1000}ms" in lines[0]  # gloo's own timeout fired, not a kill from outside
+
+
+def test_spawned_ranks_die_with_the_process_that_started_them(tmp_path):
+    """An interrupted test run (its pytest killed) leaves no rank behind waiting on a peer."""
+    import os
+    import signal
+    import time
+
+    code = ("import sys; sys.path.insert(0, 'tests')\n"
+            "from _workers import write_pid_and_wait\n"
+            "from chunkflow.parallel.spawn import run_distributed\n"
+            f"run_distributed(write_pid_and_wait, 2, ({str(tmp_path)!r},), timeout_s=900)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.iterdir() if p.read_text()]
+        assert len(pids) == 2, "ranks did not start"
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
+             open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"ranks {alive} outlived their parent"

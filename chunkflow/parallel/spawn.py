@@ -35,7 +35,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(fn: Callable, rank: int, world: int, port: int, args: Sequence[Any], queue: Any, env: dict) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this rank is killed when the process that started it dies (an interrupted
+    test run must not leave ranks waiting on a peer forever). Elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _entry(fn: Callable, rank: int, world: int, port: int, args: Sequence[Any], queue: Any, env: dict,
+           parent: int = 0) -> None:
+    if parent:
+        _die_with_parent(parent)
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -94,7 +113,7 @@ def _run_once(fn: Callable, world_size: int, args: Sequence[Any], timeout_s: flo
     procs = [
         # Not daemonic: megatron's checkpoint saving starts helper processes, which a
         # daemonic process may not. The finally-block below reaps every rank.
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, tuple(args), queue, dict(env or {})), daemon=False)
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, tuple(args), queue, dict(env or {}), os.getpid()), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
