@@ -35,13 +35,15 @@ def _timed_backward(timer: SpanTimer):
     the backward compute without touching the schedule itself.
     """
     original = _schedules.backward_step
+    count = [0]  # 1F1B runs the backwards in micro-batch order
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t0 = timer.start()
         try:
             return original(*args, **kwargs)
         finally:
-            timer.stop(t0, kind="backward")
+            timer.stop(t0, kind="backward", mb=count[0])
+            count[0] += 1
 
     _schedules.backward_step = timed
     try:
@@ -64,16 +66,19 @@ class MegatronSchedule:
         self.device = device
         self.pad_multiple = pad_multiple
         self.forward_backward = get_forward_backward_func()
+        self.last_timeline: list[dict] = []  # the last step's compute spans (kind, mb, start, end)
 
     def run(self, rows: Sequence[PackedRow]) -> StepResult:
         tensors = [row_to_tensors(r, self.device, pad_multiple=self.pad_multiple) for r in rows]
         timer = SpanTimer(self.device)
+        forwards = [0]
 
         def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
             b = next(data_iterator)
             t0 = timer.start()
             out = token_losses(model, b)
-            timer.stop(t0, kind="forward")
+            timer.stop(t0, kind="forward", mb=forwards[0])
+            forwards[0] += 1
             return out, partial(masked_loss, b.loss_mask)
 
         with _timed_backward(timer):
@@ -86,7 +91,7 @@ class MegatronSchedule:
                 micro_batch_size=1,
                 forward_only=False,
             )
-        busy, wall, _ = timer.finish()
+        busy, wall, self.last_timeline = timer.finish()
         reports = [item["lm loss"] for item in losses or []]
         loss_sum, num = 0.0, 0
         if reports:  # one read back to the host per step
