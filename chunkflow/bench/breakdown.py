@@ -7,12 +7,15 @@ Measured breakdown, per timed step, mean over the ranks of one pipeline (seconds
                  backward_step, so it is estimated from FLOPs: a backward span that does
                  2F + rF work (r = recompute FLOPs / forward FLOPs) spends r / (2 + r) of
                  its time recomputing
-    bubble       S - busy: S is the makespan pipeline/simulate.py gives the step's
-                 action table when each micro-batch costs what it measured (mean over
-                 stages) and p2p is free, so S - busy is the idle time the schedule
-                 itself imposes
-    communication  run wall - S: p2p transfers and waits beyond the ideal schedule, and
-                 host work between spans (Python bookkeeping, tensor building)
+    bubble       S - busy, kept within [0, run wall - busy]: S is the makespan that
+                 pipeline/simulate.py gives the step's action table when each micro-batch
+                 costs what it measured and p2p is free, so S - busy is the idle time the
+                 schedule itself imposes. An estimate: the simulator gives every stage the
+                 same cost per micro-batch, so the stages' measured costs are averaged
+                 (the last stage also runs the output layer and the loss)
+    communication  the rest of the idle time, run wall - busy - bubble: p2p transfers
+                 and waits beyond the ideal schedule, and host work between spans
+                 (Python bookkeeping, batch tensors built inside the schedule)
     overhead     step wall - run wall: host work outside the schedule's timer (zeroing
                  gradient buffers, batch tensors built before the first span, the loss
                  read back)
@@ -77,8 +80,10 @@ def time_breakdown(cfg: Config, side: Any, steps: Sequence[int]) -> dict:
         for r in recs:
             spans = {k: sum(s for kind, _, s in r["spans"] if kind == k) for k in cost}
             rec = spans["recompute"] + spans["backward"] * rho / (2.0 + rho)
-            part = {"compute": r["busy_s"] - rec, "recompute": rec, "bubble": ideal - r["busy_s"],
-                    "communication": r["run_wall_s"] - ideal, "overhead": r["wall_s"] - r["run_wall_s"],
+            idle = r["run_wall_s"] - r["busy_s"]
+            bubble = min(max(ideal - r["busy_s"], 0.0), max(idle, 0.0))
+            part = {"compute": r["busy_s"] - rec, "recompute": rec, "bubble": bubble,
+                    "communication": idle - bubble, "overhead": r["wall_s"] - r["run_wall_s"],
                     "wall": r["wall_s"]}
             for k, v in part.items():
                 totals[k] += v / len(recs) / len(steps)
