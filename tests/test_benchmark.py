@@ -178,11 +178,11 @@ def _bench(rank: int, world: int, overrides: list, perturb: bool = False, oom: s
     return bench_worker(rank, world, None, overrides)
 
 
-def _check_side(side: dict, timed: int) -> None:
+def _check_side(side: dict, timed: int, untimed: int = 1) -> None:
     assert SIDE_KEYS <= set(side), SIDE_KEYS - set(side)
     assert side["tokens_per_s"] > 0 and side["peak_activation_bytes"] > 0 and side["peak_mem_bytes"] > 0
     assert 0.0 <= side["bubble_fraction"] <= 1.0
-    assert len(side["step_time_s"]) == timed and len(side["losses"]) == timed + 1
+    assert len(side["step_time_s"]) == timed and len(side["losses"]) == timed + untimed
 
 
 @pytest.mark.megatron
@@ -203,15 +203,16 @@ def test_script_sweep_pp2_writes_report_and_png(tmp_path):
     assert report["speedup"] == pytest.approx(report["chunkflow"]["tokens_per_s"] / report["megatron"]["tokens_per_s"])
     assert len(report["sweep"]) == 4 and {(s["chunk_size"], s["k"]) for s in report["sweep"]} == {
         (64, 1), (64, 2), (128, 1), (128, 2)}
-    for side in [report["megatron"], report["chunkflow"]]:
-        _check_side(side, timed=2)
+    _check_side(report["megatron"], timed=2)
+    _check_side(report["chunkflow"], timed=2, untimed=2)  # warm-up and selection batches
     for side in report["sweep"]:  # timed on the selection batches only
         assert len(side["step_time_s"]) == 1 and len(side["losses"]) == 2 + (2 if side.get("chosen") else 0)
     b = report["batches"]
     assert b["selection"] == [1] and b["timed"] == [2, 3] and "selection" in b["note"]
     assert report["command"].startswith("scripts/benchmark.py")
     assert report["megatron"]["recompute"] == "none" and report["megatron"]["recompute_overhead"] == 0.0
-    assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 4
+    # the other candidates (selective, full: 1 layer per stage, no block:n) and the 4 points
+    assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 6
     k1 = next(s for s in report["sweep"] if s["k"] == 1 and s["chunk_size"] == 64)
     assert k1["recompute_overhead"] > 0  # the tiny data has samples longer than 2 chunks
 
