@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from chunkflow.bench import check_losses, chunkflow_points, megatron_candidates, validate_bench
+from chunkflow.bench.breakdown import PARTS
+from chunkflow.bench.config import batch_roles, recompute_setting
 from chunkflow.config import ConfigError, load_config
 from chunkflow.parallel.spawn import run_distributed
 
@@ -30,7 +32,12 @@ SIDE_KEYS = {"tokens_per_s", "tflops_per_s", "peak_mem_bytes", "peak_activation_
 # ---------------------------------------------------------------- pure parts
 def test_config_choices_and_errors():
     cfg = load_config(None, TINY)
-    assert megatron_candidates(cfg) == ["none", "selective", "full"]
+    assert megatron_candidates(cfg) == ["none", "selective", "block:1", "full"]  # 2 layers, PP=1
+    four = load_config(None, TINY + ["model.num_layers=8", "parallel.pipeline=2"])  # 4 layers per stage
+    assert megatron_candidates(four) == ["none", "selective", "block:1", "block:2", "block:3", "full"]
+    assert recompute_setting("block:3") == ("block", 3) and recompute_setting("full") == ("full", 1)
+    forced = load_config(None, TINY + ["bench.megatron_recompute=block", "train.recompute_num_layers=2"])
+    assert megatron_candidates(forced) == ["block:2"]
     assert chunkflow_points(cfg) == [(64, 1)]
     cfg = load_config(None, TINY + ["bench.sweep=true", "bench.sweep_k=2,1", "bench.megatron_recompute=full"])
     assert megatron_candidates(cfg) == ["full"]
@@ -38,9 +45,74 @@ def test_config_choices_and_errors():
     for bad, message in [("bench.warmup_steps=0", "bench.warmup_steps=0"),
                          ("bench.megatron_recompute=most", "bench.megatron_recompute='most'"),
                          ("bench.sweep_chunk_sizes=64,512", "bench.sweep_chunk_sizes has [512]"),
-                         ("bench.memory_budget_mb=-1", "bench.memory_budget_mb=-1")]:
+                         ("bench.memory_budget_mb=-1", "bench.memory_budget_mb=-1"),
+                         ("bench.selection_steps=0", "bench.selection_steps=0")]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            validate_bench(load_config(None, TINY + [bad]))
+            validate_bench(load_config(None, TINY + ["bench.sweep=true", bad]))
+    with pytest.raises(ConfigError, match="train.recompute_num_layers=3 exceeds the 2 layers"):
+        load_config(None, TINY + ["train.recompute=block", "train.recompute_num_layers=3"])
+
+
+@pytest.mark.megatron
+@pytest.mark.once
+def test_block_recompute_maps_onto_megatron():
+    from chunkflow.model.provider import build_transformer_config
+
+    tc = build_transformer_config(load_config(None, TINY + ["train.recompute=block", "train.recompute_num_layers=2"]))
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
+    tc = build_transformer_config(load_config(None, TINY + ["train.recompute=full"]))
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "uniform", 1)
+
+
+def test_batch_roles_keep_selection_apart_from_scoring():
+    cfg = load_config(None, TINY + ["bench.sweep=true", "bench.selection_steps=3", "bench.timed_steps=8"])
+    warmup, selection, timed = batch_roles(cfg)
+    assert (warmup, selection, timed) == ([0], [1, 2, 3], list(range(4, 12)))
+    assert not set(selection) & set(timed) and not set(warmup) & (set(selection) | set(timed))
+    assert batch_roles(load_config(None, TINY))[1] == []  # no sweep: nothing to select
+
+
+def test_bootstrap_interval_of_the_median():
+    from chunkflow.bench.stats import bootstrap_median_ci
+
+    values = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
+    ci = bootstrap_median_ci(values, resamples=10000, seed=3)
+    assert ci["median"] == pytest.approx(1.35) and ci["n"] == 8
+    # resample medians are medians of 8 of the values: the interval lies inside their range,
+    # brackets the median, and is reproducible from the seed
+    assert 1.0 <= ci["low"] < 1.35 < ci["high"] <= 1.7
+    assert bootstrap_median_ci(values, resamples=10000, seed=3) == ci
+    assert bootstrap_median_ci([2.0] * 8)["low"] == bootstrap_median_ci([2.0] * 8)["high"] == 2.0
+    wide = bootstrap_median_ci([0.5, 3.0] * 4, seed=3)
+    assert wide["high"] - wide["low"] > ci["high"] - ci["low"]
+
+
+def test_llama3_sft_lengths():
+    from chunkflow.data.synthetic import LLAMA3_SFT, synthetic_lengths
+
+    cfg = load_config(None, ["data.synthetic.distribution=llama3_sft", "data.synthetic.length_scale=16",
+                             "data.max_seq_len=8192", "data.synthetic.num_samples=20000"])
+    lengths = synthetic_lengths(cfg.data.synthetic, max_seq_len=8192, seed=5)
+    assert len(lengths) == 20000 and lengths.min() >= 8 and lengths.max() <= 8192
+    assert (lengths == synthetic_lengths(cfg.data.synthetic, max_seq_len=8192, seed=5)).all()
+    # 22 of 20000 are long context (mean 38136 / 16 = 2383); the rest average 846 / 16 = 53
+    assert sum(f for f, _ in LLAMA3_SFT) == pytest.approx(1.0)
+    assert 40 < lengths[lengths < 1024].mean() < 60 and 15 <= (lengths > 1024).sum() <= 22
+
+
+def test_out_of_memory_is_caught_and_reported():
+    import torch
+
+    from chunkflow.bench.driver import guarded
+
+    def boom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert guarded(lambda: 7, torch.device("cpu")) == (7, None)
+    value, message = guarded(boom, torch.device("cpu"))
+    assert value is None and "Tried to allocate" in message
+    with pytest.raises(ValueError):  # other errors are not swallowed
+        guarded(lambda: int("x"), torch.device("cpu"))
 
 
 def test_check_losses_flags_differences():
@@ -72,6 +144,8 @@ def test_recompute_flops_and_input_cache():
     pairs = causal_pairs(256) + causal_pairs(20) + causal_pairs(30)
     assert full == pytest.approx(forward_flops(m, num_tokens=306, num_pairs=pairs, output_layer=False))
     assert 0 < megatron_recompute_flops(m, mplan, "selective") < full
+    assert megatron_recompute_flops(m, mplan, "block:1", layers_per_stage=2) == pytest.approx(full / 2)
+    assert megatron_recompute_flops(m, mplan, "block:2", layers_per_stage=2) == pytest.approx(full)
     # stage 1 of 2 caches the inputs of the 3 no-graph chunks until their recompute
     rows = cplan.rows_per_rank[0]
     actions = build_pipeline_plan(rows, 2, 1).actions(1)
@@ -80,7 +154,20 @@ def test_recompute_flops_and_input_cache():
 
 
 # ---------------------------------------------------------------- runs
-def _bench(rank: int, world: int, overrides: list, perturb: bool = False) -> dict:
+def _bench(rank: int, world: int, overrides: list, perturb: bool = False, oom: str = "") -> dict:
+    if oom:  # the Megatron candidate `oom` runs out of device memory in its first step
+        import torch
+
+        from chunkflow.bench import driver
+
+        original_step = driver._Bench.step
+
+        def step(self, side, i):
+            if side.schedule == "megatron" and side.recompute == oom:
+                raise torch.OutOfMemoryError("injected: CUDA out of memory")
+            return original_step(self, side, i)
+
+        driver._Bench.step = step
     if perturb:  # one side computes different math: ChunkFlow's loss (and gradient) scaled
         import chunkflow.pipeline.executor as ex
 
@@ -91,11 +178,11 @@ def _bench(rank: int, world: int, overrides: list, perturb: bool = False) -> dic
     return bench_worker(rank, world, None, overrides)
 
 
-def _check_side(side: dict, timed: int) -> None:
+def _check_side(side: dict, timed: int, untimed: int = 1) -> None:
     assert SIDE_KEYS <= set(side), SIDE_KEYS - set(side)
     assert side["tokens_per_s"] > 0 and side["peak_activation_bytes"] > 0 and side["peak_mem_bytes"] > 0
     assert 0.0 <= side["bubble_fraction"] <= 1.0
-    assert len(side["step_time_s"]) == timed and len(side["losses"]) == timed + 1
+    assert len(side["step_time_s"]) == timed and len(side["losses"]) == timed + untimed
 
 
 @pytest.mark.megatron
@@ -104,7 +191,7 @@ def _check_side(side: dict, timed: int) -> None:
 def test_script_sweep_pp2_writes_report_and_png(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--sweep", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
-           *TINY, "bench.sweep_chunk_sizes=64,128", "bench.sweep_k=1,2", f"bench.output={out}"]
+           *TINY, "bench.sweep_chunk_sizes=64,128", "bench.sweep_k=1,2", "bench.selection_steps=1", f"bench.output={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -116,10 +203,16 @@ def test_script_sweep_pp2_writes_report_and_png(tmp_path):
     assert report["speedup"] == pytest.approx(report["chunkflow"]["tokens_per_s"] / report["megatron"]["tokens_per_s"])
     assert len(report["sweep"]) == 4 and {(s["chunk_size"], s["k"]) for s in report["sweep"]} == {
         (64, 1), (64, 2), (128, 1), (128, 2)}
-    for side in [report["megatron"], report["chunkflow"], *report["sweep"]]:
-        _check_side(side, timed=2)
+    _check_side(report["megatron"], timed=2)
+    _check_side(report["chunkflow"], timed=2, untimed=2)  # warm-up and selection batches
+    for side in report["sweep"]:  # timed on the selection batches only
+        assert len(side["step_time_s"]) == 1 and len(side["losses"]) == 2 + (2 if side.get("chosen") else 0)
+    b = report["batches"]
+    assert b["selection"] == [1] and b["timed"] == [2, 3] and "selection" in b["note"]
+    assert report["command"].startswith("scripts/benchmark.py")
     assert report["megatron"]["recompute"] == "none" and report["megatron"]["recompute_overhead"] == 0.0
-    assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 4
+    # the other candidates (selective, full: 1 layer per stage, no block:n) and the 4 points
+    assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 6
     k1 = next(s for s in report["sweep"] if s["k"] == 1 and s["chunk_size"] == 64)
     assert k1["recompute_overhead"] > 0  # the tiny data has samples longer than 2 chunks
 
@@ -128,16 +221,25 @@ def test_script_sweep_pp2_writes_report_and_png(tmp_path):
 @pytest.mark.once
 @pytest.mark.slow
 def test_budget_decides_recompute_and_fit():
-    report = run_distributed(_bench, 1, (TINY + ["parallel.pipeline=1", "bench.memory_budget_mb=0.001"],),
-                             timeout_s=600)[0]
+    report = run_distributed(_bench, 1, (TINY + ["parallel.pipeline=1", "bench.memory_budget_mb=0.001"],
+                                          False, "selective"), timeout_s=600)[0]
     tried = report["megatron_candidates"]
-    assert [c["recompute"] for c in tried] == ["none", "selective", "full"]
+    assert [c["recompute"] for c in tried] == ["none", "selective", "block:1", "full"]
     assert not any(c["fits_budget"] for c in tried)
+    # the injected out-of-memory probe is reported as not fitting, and the run went on
+    assert tried[1]["out_of_memory"] and tried[1]["peak_activation_bytes"] is None
+    assert not any(c["out_of_memory"] for c in tried if c["recompute"] != "selective")
     assert report["megatron"]["recompute"] == "full" and not report["both_fit_budget"]
     assert report["megatron"]["recompute_overhead"] > 0.2  # one extra forward of every layer
-    # full recompute keeps less than no recompute; every candidate computed the same loss
-    assert tried[2]["peak_activation_bytes"] < tried[0]["peak_activation_bytes"]
+    # block:1 (first of 2 layers) keeps less than none and more than full
+    none, block, full = (tried[j]["peak_activation_bytes"] for j in (0, 2, 3))
+    assert full < block < none
+    # every candidate that ran computed the same loss as the chosen one
     assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 3
+    ci = report["speedup_median_ci"]
+    assert ci["n"] == 2 and ci["low"] <= ci["median"] <= ci["high"]
+    tb = report["megatron"]["time_breakdown_s"]
+    assert tb["recompute"] > 0 and tb["wall"] == pytest.approx(sum(tb[k] for k in PARTS))
 
 
 @pytest.mark.megatron

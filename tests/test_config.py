@@ -50,7 +50,7 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
         ("chunkflow.chunksize=64", "did you mean 'chunkflow.chunk_size'"),
         ("train.steps=abc", "train.steps: expected an integer"),
         ("train.schedule=fast", "train.schedule='fast' is not one of megatron, chunkflow"),
-        ("train.recompute=most", "train.recompute='most' is not one of none, selective, full"),
+        ("train.recompute=most", "train.recompute='most' is not one of none, selective, block, full"),
         ("train", "not of the form key=value"),
         ("model=3", "'model' is a section"),
     ],

@@ -1,6 +1,8 @@
 """The ``bench`` config section: what each side runs, checked before any process group.
 
-    megatron_candidates(cfg)   recompute settings Megatron tries, cheapest first
+    megatron_candidates(cfg)   recompute settings Megatron tries, least recompute first:
+                               none, selective, block:1 .. block:L-1, full (= block:L)
+    recompute_setting(name)    "block:2" -> ("block", 2): train.recompute, recompute_num_layers
     chunkflow_points(cfg)      (C, K) pairs ChunkFlow runs: the configured one, or the sweep
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 from chunkflow.config.loader import ConfigError
 from chunkflow.config.schema import RECOMPUTE, Config
 
-__all__ = ["validate_bench", "megatron_candidates", "chunkflow_points", "MIB"]
+__all__ = ["validate_bench", "megatron_candidates", "recompute_setting", "chunkflow_points", "batch_roles", "MIB"]
 
 MIB = 2**20
 
@@ -25,6 +27,9 @@ def validate_bench(cfg: Config) -> None:
                           "probe each side's memory before timing)")
     if b.timed_steps < 1:
         raise ConfigError(f"bench.timed_steps={b.timed_steps}: use >= 1")
+    if b.sweep and b.selection_steps < 1:
+        raise ConfigError(f"bench.selection_steps={b.selection_steps}: a sweep chooses its (C, K) on "
+                          "batches of its own, apart from the timed ones it is scored on; use >= 1")
     for key in ("memory_budget_mb", "peak_mem_budget_mb"):
         if getattr(b, key) < 0:
             raise ConfigError(f"bench.{key}={getattr(b, key)}: use a size in MiB, or 0 for no budget")
@@ -39,9 +44,26 @@ def validate_bench(cfg: Config) -> None:
 
 
 def megatron_candidates(cfg: Config) -> list[str]:
-    """``auto``: none, selective, full (the first that fits is used); else the forced one."""
+    """``auto``: every setting, least recompute first (the benchmark probes them all and runs
+    the one with the fewest recompute FLOPs that fits); else the forced one.
+
+    ``block:n`` recomputes the first n of the L layers of each pipeline stage; block:L is
+    ``full`` (every layer, one checkpoint each) and is listed once, as ``full``.
+    """
     r = cfg.bench.megatron_recompute
-    return list(RECOMPUTE) if r == "auto" else [r]
+    per_stage = cfg.model.num_layers // cfg.parallel.pipeline
+    if r == "block":
+        return [f"block:{cfg.train.recompute_num_layers}"]
+    if r != "auto":
+        return [r]
+    return ["none", "selective"] + [f"block:{n}" for n in range(1, per_stage)] + ["full"]
+
+
+def recompute_setting(name: str) -> tuple[str, int]:
+    """A candidate's ``(train.recompute, train.recompute_num_layers)``."""
+    if name.startswith("block:"):
+        return "block", int(name.split(":", 1)[1])
+    return name, 1
 
 
 def chunkflow_points(cfg: Config) -> list[tuple[int, int]]:
@@ -51,3 +73,17 @@ def chunkflow_points(cfg: Config) -> list[tuple[int, int]]:
     m = cfg.data.max_seq_len
     sizes = cfg.bench.sweep_chunk_sizes or [max(1, m // 8), max(1, m // 4), max(1, m // 2)]
     return [(c, k) for c in sorted(set(sizes)) for k in sorted(set(cfg.bench.sweep_k))]
+
+
+def batch_roles(cfg: Config) -> tuple[list[int], list[int], list[int]]:
+    """Indices of the global batches used to warm up, to select a sweep's (C, K), and to
+    time the comparison: consecutive, disjoint ranges (selection is empty without a sweep)::
+
+        warmup_steps=1, selection_steps=2, timed_steps=8, sweep -> [0], [1, 2], [3 .. 10]
+    """
+    b = cfg.bench
+    num_select = b.selection_steps if b.sweep else 0
+    warmup = list(range(b.warmup_steps))
+    selection = list(range(b.warmup_steps, b.warmup_steps + num_select))
+    timed = list(range(b.warmup_steps + num_select, b.warmup_steps + num_select + b.timed_steps))
+    return warmup, selection, timed

@@ -4,15 +4,20 @@ Every rank runs :func:`run_benchmark`; decisions are taken on numbers gathered f
 ranks, so every rank takes the same branch. One global batch list, one initial weight
 state, several *sides* (a schedule with its settings)::
 
-    batches : the first warmup_steps + timed_steps global batches of the configured data
+    batches : the first warmup_steps [+ selection_steps in sweep mode] + timed_steps
+              global batches of the configured data
     plans   : Megatron packs each batch into rows of data.max_seq_len (THD);
               ChunkFlow cuts the same batch into chunks of C (one plan per C)
-    probe   : Megatron with recompute none -> selective -> full runs the warm-up batches;
-              the first whose activation peak fits bench.memory_budget_mb is kept.
-              Every ChunkFlow point (C, K) runs the warm-up batches too.
-    time    : for each timed batch, every side in turn (round robin, the order reversed
-              every other batch: background load hits every side alike), all ranks
-              released together by a barrier
+    probe   : every Megatron candidate (none, selective, block:1..L-1, full) runs the
+              warm-up batches; of those whose activation peak fits bench.memory_budget_mb
+              the one with the fewest recompute FLOPs is kept. Every ChunkFlow point
+              (C, K) runs the warm-up batches too. A probe that runs out of device memory
+              (torch.OutOfMemoryError) is reported as "does not fit" and the run goes on.
+    select  : sweep mode only: the fitting (C, K) points are timed round robin on the
+              selection batches and the fastest is kept; the timed batches score it
+    time    : for each timed batch, both sides in turn (round robin, the order reversed
+              every other batch: background load hits both alike), all ranks released
+              together by a barrier
     check   : every side's per-step loss and gradient norm equal Megatron's
 
 No optimizer step: each step is forward + backward from the same initial weights, so all
@@ -33,8 +38,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from chunkflow.bench.config import MIB, chunkflow_points, megatron_candidates, validate_bench
-from chunkflow.bench.measure import input_cache_peak_bytes
+from chunkflow.bench.config import MIB, batch_roles, chunkflow_points, megatron_candidates, recompute_setting, validate_bench
+from chunkflow.bench.measure import input_cache_peak_bytes, megatron_recompute_flops
 from chunkflow.config.schema import Config
 from chunkflow.data.plan import StepPlan, plan_chunkflow_step, plan_megatron_step
 from chunkflow.parallel import comm
@@ -42,7 +47,7 @@ from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.scheduling.memory import SavedTensorMeter
 from chunkflow.train.metrics import PeakMemory
 
-__all__ = ["Side", "run_benchmark", "bench_worker"]
+__all__ = ["Side", "run_benchmark", "bench_worker", "guarded"]
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Side:
     built_schedule: Any = None  # the schedule object (run(rows) -> StepResult) of this side
     records: dict[int, list[dict]] = field(default_factory=dict)
     timed: bool = False
+    oom: bool = False  # a probe ran out of device memory on some rank: does not fit
 
     @property
     def name(self) -> str:
@@ -72,6 +78,8 @@ class Side:
         return max((r["mem_peak_bytes"] for rs in self.records.values() for r in rs), default=0)
 
     def fits(self, cfg: Config) -> bool:
+        if self.oom:
+            return False
         b = cfg.bench
         act_ok = b.memory_budget_mb <= 0 or self.activation_peak() <= b.memory_budget_mb * MIB
         mem_ok = b.peak_mem_budget_mb <= 0 or self.mem_peak() <= b.peak_mem_budget_mb * MIB
@@ -88,9 +96,8 @@ class _Bench:
         b, d = cfg.bench, cfg.data
         samples, self.data_desc = load_samples(d, vocab_size=cfg.model.vocab_size)
         loader = GlobalBatchLoader(samples, global_batch_size=d.global_batch_size, seed=d.seed, shuffle=d.shuffle)
-        self.batches = [next(loader) for _ in range(b.warmup_steps + b.timed_steps)]
-        self.warmup = list(range(b.warmup_steps))
-        self.timed = list(range(b.warmup_steps, len(self.batches)))
+        self.warmup, self.selection, self.timed = batch_roles(cfg)
+        self.batches = [next(loader) for _ in range(len(self.warmup) + len(self.selection) + len(self.timed))]
         self.cost_model = CostModel.from_model_config(cfg.model)
         self.memory = PeakMemory(ctx.device)
         self.models: dict[str, Any] = {}
@@ -107,7 +114,9 @@ class _Bench:
 
     def side_config(self, side: Side) -> Config:
         c = self.cfg
-        train = dataclasses.replace(c.train, schedule=side.schedule, recompute=side.recompute)
+        recompute, num_layers = recompute_setting(side.recompute)
+        train = dataclasses.replace(c.train, schedule=side.schedule, recompute=recompute,
+                                    recompute_num_layers=num_layers)
         chunk = dataclasses.replace(c.chunkflow, chunk_size=side.chunk_size or c.chunkflow.chunk_size,
                                     k=side.k or c.chunkflow.k, mode="chunkflow")
         return dataclasses.replace(c, train=train, chunkflow=chunk)
@@ -118,7 +127,9 @@ class _Bench:
             return self.models[recompute]
         from chunkflow.train.build import build_model_and_ddp
 
-        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, recompute=recompute))
+        setting, num_layers = recompute_setting(recompute)
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(
+            self.cfg.train, recompute=setting, recompute_num_layers=num_layers))
 
         def prepare(model: torch.nn.Module) -> None:
             if self.init_state is None:
@@ -167,6 +178,10 @@ class _Bench:
                 hidden=mc.hidden_size, bytes_per_value=torch.tensor([], dtype=mc.params_dtype).element_size(),
                 seq_div=ctx.tp_size if mc.sequence_parallel else 1)
         kv_state = int(extra.get("kv_state_peak_bytes", 0))
+        if side.schedule == "chunkflow":
+            timeline = side.built_schedule.last.timeline
+        else:
+            timeline = getattr(side.built_schedule, "last_timeline", [])
         return {
             "rank": ctx.rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank,
             "loss_rank": ctx.is_last_stage and ctx.tp_rank == 0,
@@ -178,10 +193,19 @@ class _Bench:
             "mem_before_bytes": int(self.memory.before), "mem_peak_bytes": int(self.memory.peak_allocated()),
             "grad_sq": _grad_sq(ddp) if ctx.dp_rank == 0 else 0.0,
             "micro_batches": len(rows),
+            # per micro-batch compute seconds by kind, for the time breakdown
+            "spans": [(t["kind"], int(t.get("mb", -1)), t["end"] - t["start"]) for t in timeline],
         }
 
     def run_steps(self, side: Side, steps: list[int]) -> None:
-        local = {i: self.step(side, i) for i in steps}
+        """Run ``steps`` through ``side``; an out-of-memory error on any rank marks the side
+        as not fitting (``side.oom``) instead of ending the run."""
+        local, oom = guarded(lambda: {i: self.step(side, i) for i in steps}, self.ctx.device)
+        flags = comm.all_gather_object(oom is not None)
+        if any(flags):
+            side.oom = True
+            self.log(f"probe  {side.name:<32} out of device memory -> does not fit ({oom or 'on another rank'})")
+            return
         self.collect(side, local)
 
     def collect(self, side: Side, local: dict[int, dict]) -> None:
@@ -190,50 +214,97 @@ class _Bench:
             side.records[i] = [g[i] for g in gathered]
 
     # ------------------------------------------------------------------ phases
-    def probe_megatron(self) -> tuple[Side, list[Side]]:
-        """Try the recompute candidates on the warm-up batches; the first that fits wins."""
-        plans = self.megatron_plans()
-        tried: list[Side] = []
-        names = megatron_candidates(self.cfg)
-        for n, recompute in enumerate(names):
-            side = Side("megatron", recompute, plans)
-            self.attach_schedule(side)
-            self.run_steps(side, self.warmup)
-            tried.append(side)
-            fits = side.fits(self.cfg)
+    def probe(self, side: Side) -> None:
+        self.attach_schedule(side)
+        self.run_steps(side, self.warmup)
+        if not side.oom:
             self.log(f"probe  {side.name:<32} activations {side.activation_peak() / MIB:9.1f} MiB  "
-                     f"peak mem {side.mem_peak() / MIB:8.1f} MiB  -> {'fits' if fits else 'over budget'}")
-            if fits or n == len(names) - 1:
-                return side, tried
-            side.built_schedule = None
-            if recompute != "none":  # ChunkFlow shares the recompute-free model
-                self.release(recompute)
-        raise AssertionError("unreachable")
+                     f"peak mem {side.mem_peak() / MIB:8.1f} MiB  -> "
+                     f"{'fits' if side.fits(self.cfg) else 'over budget'}")
+
+    def probe_megatron(self) -> tuple[Side, list[Side]]:
+        """Probe every recompute candidate on the warm-up batches; keep the fitting one with
+        the fewest recompute FLOPs (none fitting: the one with the smallest peak)."""
+        plans = self.megatron_plans()
+        tried = []
+        for recompute in megatron_candidates(self.cfg):
+            side = Side("megatron", recompute, plans)
+            self.probe(side)
+            tried.append(side)
+        fitting = [s for s in tried if s.fits(self.cfg)]
+        ran = [s for s in tried if not s.oom]
+        if not ran:
+            raise RuntimeError("every Megatron recompute candidate ran out of device memory")
+        if fitting:
+            per_stage = self.cfg.model.num_layers // self.cfg.parallel.pipeline
+            chosen = min(fitting, key=lambda s: sum(megatron_recompute_flops(
+                self.cfg.model, plans[i], s.recompute, layers_per_stage=per_stage) for i in self.warmup))
+        else:
+            chosen = min(ran, key=Side.activation_peak)
+        for side in tried:  # keep the chosen model, and the recompute-free one ChunkFlow shares
+            if side is not chosen:
+                side.built_schedule = None
+                if side.recompute != "none":
+                    self.release(side.recompute)
+        self.log(f"megatron: {chosen.name} ({'fits' if fitting else 'nothing fits; smallest peak'})")
+        return chosen, tried
 
     def probe_chunkflow(self) -> list[Side]:
         sides, plans_by_c = [], {}
         for c, k in chunkflow_points(self.cfg):
             plans = plans_by_c.setdefault(c, self.chunkflow_plans(c))
             side = Side("chunkflow", "none", plans, chunk_size=c, k=k)
-            self.attach_schedule(side)
-            self.run_steps(side, self.warmup)
-            self.log(f"probe  {side.name:<32} activations {side.activation_peak() / MIB:9.1f} MiB  "
-                     f"peak mem {side.mem_peak() / MIB:8.1f} MiB  -> "
-                     f"{'fits' if side.fits(self.cfg) else 'over budget'}")
+            self.probe(side)
             sides.append(side)
         return sides
 
-    def time_round_robin(self, sides: list[Side]) -> None:
+    def select_chunkflow(self, points: list[Side]) -> Side:
+        """The (C, K) to score. Sweep: the fitting point with the most tokens/s on the
+        selection batches (never on the timed ones); else the one configured point."""
+        usable = [p for p in points if not p.oom]
+        if not usable:
+            raise RuntimeError("every ChunkFlow point ran out of device memory")
+        fitting = [p for p in usable if p.fits(self.cfg)] or usable
+        if not self.selection or len(fitting) == 1:
+            return fitting[0]
+        self.time_round_robin(fitting, self.selection, label="select")
+
+        def tokens_per_s(p: Side) -> float:
+            return (sum(p.plans[i].num_tokens for i in self.selection)
+                    / sum(max(r["wall_s"] for r in p.records[i]) for i in self.selection))
+
+        best = max(fitting, key=tokens_per_s)
+        self.log(f"select {best.name} ({tokens_per_s(best):.0f} tokens/s on {len(self.selection)} selection batches)")
+        return best
+
+    def time_round_robin(self, sides: list[Side], steps: list[int], label: str = "timed") -> None:
         local: dict[int, dict[int, dict]] = {id(s): {} for s in sides}
-        for n, i in enumerate(self.timed):
+        for n, i in enumerate(steps):
             for side in (sides if n % 2 == 0 else sides[::-1]):  # alternate who goes first
                 local[id(side)][i] = self.step(side, i)
             if self.ctx.rank == 0:
-                self.log(f"timed  batch {i - len(self.warmup) + 1}/{len(self.timed)}: " + "  ".join(
+                self.log(f"{label}  batch {n + 1}/{len(steps)}: " + "  ".join(
                     f"{s.name} {local[id(s)][i]['wall_s']:.2f}s" for s in sides))
         for side in sides:
             self.collect(side, local[id(side)])
-            side.timed = True
+            side.timed = side.timed or label == "timed"
+
+
+def guarded(fn: Callable[[], Any], device: torch.device) -> tuple[Any, Optional[str]]:
+    """``(fn(), None)``, or ``(None, message)`` if ``fn`` ran out of device memory; then the
+    failed step's tensors are dropped and the allocator's cache is returned to the device.
+
+    On a pipeline the failing rank's peers may be waiting in a p2p for it; the error is
+    caught on the rank that raised it (see docs/benchmarks.md for what this covers).
+    """
+    try:
+        return fn(), None
+    except torch.OutOfMemoryError as e:
+        message = str(e).splitlines()[0] if str(e) else "torch.OutOfMemoryError"
+    gc.collect()
+    if device.type == "cuda":  # pragma: no cover - GPU only
+        torch.cuda.empty_cache()
+    return None, message
 
 
 def _grad_sq(ddp: Any) -> float:
@@ -261,11 +332,12 @@ def run_benchmark(cfg: Config, ctx: ParallelContext, *, log: Callable[[str], Non
               f"dp={ctx.dp_size}; budget {cfg.bench.memory_budget_mb or 'none'} MiB")
     megatron, tried = bench.probe_megatron()
     points = bench.probe_chunkflow()
-    bench.time_round_robin([megatron] + points)
+    chosen = bench.select_chunkflow(points)
+    bench.time_round_robin([megatron, chosen], bench.timed)
     machine["loadavg_end"] = _loadavg()
     machine["elapsed_s"] = time.perf_counter() - t_start
-    return build_report(cfg, ctx, megatron=megatron, tried=tried, points=points,
-                        timed=bench.timed, warmup=bench.warmup, machine=machine,
+    return build_report(cfg, ctx, megatron=megatron, tried=tried, points=points, chosen=chosen,
+                        timed=bench.timed, selection=bench.selection, warmup=bench.warmup, machine=machine,
                         data_desc=bench.data_desc, argv=argv)
 
 

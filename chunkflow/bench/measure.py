@@ -48,15 +48,26 @@ __all__ = [
 ]
 
 
-def megatron_recompute_flops(m: ModelConfig, plan: StepPlan, recompute: str) -> float:
-    """Extra forward FLOPs of megatron's activation recompute over one global batch."""
+def megatron_recompute_flops(m: ModelConfig, plan: StepPlan, recompute: str, *,
+                             layers_per_stage: int = 0) -> float:
+    """Extra forward FLOPs of megatron's activation recompute over one global batch.
+
+    ``recompute``: none | selective | full | block:n (the first n of the
+    ``layers_per_stage`` layers of every stage: n / layers_per_stage of full's FLOPs).
+    """
     if recompute == "none":
         return 0.0
     pairs = step_pairs(num_tokens=plan.num_tokens, sum_sq_seqlens=plan.sum_sq_seqlens)
     if recompute == "selective":  # recompute_modules=["core_attn"]
         return attention_flops_per_pair(m) * pairs
+    full = forward_flops(m, num_tokens=plan.num_tokens, num_pairs=pairs, output_layer=False)
     if recompute == "full":  # every layer, uniform, one layer per checkpoint
-        return forward_flops(m, num_tokens=plan.num_tokens, num_pairs=pairs, output_layer=False)
+        return full
+    if recompute.startswith("block:"):
+        n = int(recompute.split(":", 1)[1])
+        if not 0 < n <= layers_per_stage:
+            raise ValueError(f"{recompute}: needs 1 <= n <= layers_per_stage={layers_per_stage}")
+        return full * n / layers_per_stage
     raise ValueError(f"unknown recompute setting {recompute!r}")
 
 

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from chunkflow.bench.config import MIB
+from chunkflow.bench.breakdown import PARTS, predicted_speedup, time_breakdown
 from chunkflow.bench.measure import chunkflow_recompute_flops, megatron_recompute_flops
+from chunkflow.bench.stats import bootstrap_median_ci
 from chunkflow.config.loader import config_to_dict
 from chunkflow.config.schema import Config
 from chunkflow.train.metrics import step_flops
@@ -53,7 +55,10 @@ def summarise(side: Any, cfg: Config, timed: Sequence[int]) -> dict:
     m = cfg.model
     out: dict[str, Any] = {"name": side.name, "schedule": side.schedule, "recompute": side.recompute,
                            "chunk_size": side.chunk_size, "k": side.k, "fits_budget": side.fits(cfg),
-                           "timed": side.timed}
+                           "timed": side.timed, "out_of_memory": side.oom}
+    if side.oom:  # a probe ran out of device memory: nothing was measured
+        out.update(peak_activation_bytes=None, peak_mem_bytes=None, losses=[], grad_norms=[], steps=[])
+        return out
     all_steps = sorted(side.records)
     peak = max((r for i in all_steps for r in side.records[i]), key=lambda r: r["activation_bytes"])
     out.update(
@@ -74,7 +79,8 @@ def summarise(side: Any, cfg: Config, timed: Sequence[int]) -> dict:
     tokens = [p.num_tokens for p in plans]
     flops = [step_flops(m, num_tokens=p.num_tokens, sum_sq_seqlens=p.sum_sq_seqlens) for p in plans]
     if side.schedule == "megatron":
-        extra = [megatron_recompute_flops(m, p, side.recompute) for p in plans]
+        per_stage = m.num_layers // cfg.parallel.pipeline
+        extra = [megatron_recompute_flops(m, p, side.recompute, layers_per_stage=per_stage) for p in plans]
     else:
         extra = [chunkflow_recompute_flops(m, p, side.k) for p in plans]
     bubbles = [1.0 - statistics.fmean(r["busy_s"] / max(r["run_wall_s"], 1e-9) for r in side.records[i])
@@ -88,6 +94,7 @@ def summarise(side: Any, cfg: Config, timed: Sequence[int]) -> dict:
         bubble_fraction_per_step=bubbles,
         recompute_overhead=sum(extra) / sum(flops),
         micro_batches_per_step=[sum(1 for rows in p.rows_per_rank for row in rows if len(row)) for p in plans],
+        time_breakdown_s=time_breakdown(cfg, side, steps),
     )
     return out
 
@@ -124,33 +131,43 @@ def _workload(cfg: Config, megatron: Any, chunkflow: Any, timed: Sequence[int], 
 
 
 def build_report(cfg: Config, ctx: Any, *, megatron: Any, tried: Sequence[Any], points: Sequence[Any],
-                 timed: Sequence[int], warmup: Sequence[int], machine: dict, data_desc: str,
-                 argv: Optional[list[str]] = None) -> dict:
+                 chosen: Any, timed: Sequence[int], selection: Sequence[int], warmup: Sequence[int],
+                 machine: dict, data_desc: str, argv: Optional[list[str]] = None) -> dict:
+    """``chosen``: the ChunkFlow point scored on ``timed`` (in sweep mode chosen on the
+    disjoint ``selection`` batches; the sweep's figures are those selection batches')."""
     from chunkflow.verify import TOLERANCE
 
     mg = summarise(megatron, cfg, timed)
-    sweep = [summarise(p, cfg, timed) for p in points]
-    fitting = [s for s in sweep if s["fits_budget"]] or sweep
-    best = max(range(len(sweep)), key=lambda j: (sweep[j] in fitting, sweep[j]["tokens_per_s"]))
-    cf, cf_side = sweep[best], points[best]
-    paired = [max(r["wall_s"] for r in megatron.records[i]) / max(r["wall_s"] for r in cf_side.records[i])
+    cf = summarise(chosen, cfg, timed)
+    sweep = [summarise(p, cfg, selection) if p is not chosen else {**summarise(p, cfg, selection), "chosen": True}
+             for p in points] if cfg.bench.sweep else []
+    paired = [max(r["wall_s"] for r in megatron.records[i]) / max(r["wall_s"] for r in chosen.records[i])
               for i in timed]
     candidates = [summarise(s, cfg, timed) if s is not megatron else mg for s in tried]
+    b = cfg.bench
     return {
-        "mode": "sweep" if cfg.bench.sweep else "single",
+        "mode": "sweep" if b.sweep else "single",
         "speedup": cf["tokens_per_s"] / mg["tokens_per_s"],
         "speedup_per_step": {**_spread(paired), "values": paired},
+        "speedup_median_ci": bootstrap_median_ci(paired, resamples=b.bootstrap_resamples, seed=cfg.data.seed),
+        "predicted_speedup": predicted_speedup(cfg, megatron, chosen, timed),
+        "batches": {"warmup": list(warmup), "selection": list(selection), "timed": list(timed),
+                    "note": ("the (C, K) was chosen on the selection batches and scored on the timed ones"
+                             if b.sweep else "one configured (C, K): no selection")},
         "both_fit_budget": mg["fits_budget"] and cf["fits_budget"],
         "memory_budget_mb": cfg.bench.memory_budget_mb,
         "peak_mem_budget_mb": cfg.bench.peak_mem_budget_mb,
         "megatron": mg,
         "chunkflow": cf,
-        "megatron_candidates": [{k: c.get(k) for k in ("name", "recompute", "fits_budget", "peak_activation_bytes",
+        "megatron_candidates": [{k: c.get(k) for k in ("name", "recompute", "fits_budget", "out_of_memory",
+                                                       "peak_activation_bytes", "peak_activation_breakdown",
                                                        "peak_mem_bytes", "timed")} for c in candidates],
-        "sweep": sweep if cfg.bench.sweep else [],
-        "loss_check": check_losses(mg, [c for c in candidates if c is not mg] + sweep, TOLERANCE[cfg.model.dtype]),
-        "workload": _workload(cfg, megatron, cf_side, timed, data_desc),
-        "steps": {"warmup": len(warmup), "timed": len(timed)},
+        "sweep": sweep,
+        "loss_check": check_losses(mg, [c for c in candidates if c is not mg and not c["out_of_memory"]]
+                                   + ([s for s in sweep if not s["out_of_memory"]] or [cf]),
+                                   TOLERANCE[cfg.model.dtype]),
+        "workload": _workload(cfg, megatron, chosen, timed, data_desc),
+        "steps": {"warmup": len(warmup), "selection": len(selection), "timed": len(timed)},
         "config": config_to_dict(cfg),
         "machine": machine,
         "command": " ".join(argv) if argv else None,
@@ -216,7 +233,8 @@ def _row(s: dict) -> str:
     return (f"{s['name']:<30} {'yes' if s['fits_budget'] else 'NO':>4} {fmt(s.get('tokens_per_s'), '9.0f')} "
             f"{fmt(sp.get('min'), '7.0f')}-{fmt(sp.get('max'), '<7.0f')} {fmt(s.get('tflops_per_s'), '7.4f')} "
             f"{fmt(s.get('bubble_fraction'), '6.3f')} {fmt(s.get('recompute_overhead'), '9.3f')} "
-            f"{s['peak_activation_bytes'] / MIB:9.1f} {s['peak_mem_bytes'] / MIB:9.1f}")
+            f"{fmt(s['peak_activation_bytes'] and s['peak_activation_bytes'] / MIB, '9.1f')} "
+            f"{fmt(s['peak_mem_bytes'] and s['peak_mem_bytes'] / MIB, '9.1f')}")
 
 
 def format_table(report: dict) -> str:
@@ -228,18 +246,27 @@ def format_table(report: dict) -> str:
         if s["name"] not in names:
             names.add(s["name"])
             lines.append(_row(s))
-    rejected = [c for c in report["megatron_candidates"] if not c["fits_budget"] and not c["timed"]]
-    for c in rejected:
-        lines.append(f"{c['name']:<30} {'NO':>4}  (warm-up only: activations "
-                     f"{c['peak_activation_bytes'] / MIB:.1f} MiB)")
+    for c in report["megatron_candidates"]:
+        if c["timed"]:
+            continue
+        what = ("out of device memory" if c["out_of_memory"]
+                else f"activations {c['peak_activation_bytes'] / MIB:.1f} MiB")
+        lines.append(f"{c['name']:<30} {'yes' if c['fits_budget'] else 'NO':>4}  (probe only: {what})")
+    lines += ["", f"{'time per step (s)':<30} " + " ".join(f"{p:>13}" for p in PARTS + ("wall",))]
+    for s in (report["megatron"], report["chunkflow"]):
+        tb = s.get("time_breakdown_s") or {}
+        lines.append(f"{s['name']:<30} " + " ".join(f"{tb.get(p, 0.0):13.2f}" for p in PARTS + ("wall",)))
     budget = report["memory_budget_mb"]
-    sp, lc = report["speedup_per_step"], report["loss_check"]
+    sp, lc, ci = report["speedup_per_step"], report["loss_check"], report["speedup_median_ci"]
     lines += [
         "",
         f"activation budget: {f'{budget:g} MiB per rank' if budget else 'none'}"
         + ("" if report["both_fit_budget"] else "  (WARNING: a compared side does not fit)"),
         f"speedup ({report['chunkflow']['name']} over {report['megatron']['name']}): {report['speedup']:.3f}x "
-        f"(per step {sp['min']:.3f}-{sp['max']:.3f}, median {sp['median']:.3f})",
+        f"(per step {sp['min']:.3f}-{sp['max']:.3f})",
+        f"median per-batch speedup {ci['median']:.3f}x, bootstrap {ci['level']:.0%} interval "
+        f"[{ci['low']:.3f}, {ci['high']:.3f}] over {ci['n']} batches; simulator predicted "
+        f"{report['predicted_speedup']['median']:.3f}x; {report['batches']['note']}",
         f"loss check: {'OK' if lc['ok'] else 'FAIL'} (max relative loss diff {lc['max_rel_loss_diff']:.2e}, "
         f"grad norm {lc['max_rel_grad_norm_diff']:.2e}, tolerance {lc['rtol']:g})",
     ]
@@ -263,9 +290,10 @@ def plot_sweep(report: dict, path: str | Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ks = sorted({s["k"] for s in report["sweep"]})
+    measured = [s for s in report["sweep"] if s.get("tokens_per_s") is not None]
+    ks = sorted({s["k"] for s in measured})
     for k in ks:
-        pts = sorted((s for s in report["sweep"] if s["k"] == k), key=lambda s: s["chunk_size"])
+        pts = sorted((s for s in measured if s["k"] == k), key=lambda s: s["chunk_size"])
         cs = [s["chunk_size"] for s in pts]
         line, = ax_t.plot(cs, [s["tokens_per_s"] for s in pts], marker="o", label=f"K={k}")
         ax_m.plot(cs, [s["peak_activation_bytes"] / MIB for s in pts], marker="o", color=line.get_color(), label=f"K={k}")
@@ -285,7 +313,7 @@ def plot_sweep(report: dict, path: str | Path) -> Optional[Path]:
         ax.grid(alpha=0.3)
     ax_m.legend(fontsize=8)
     ax_t.legend(fontsize=8)
-    fig.suptitle("ChunkFlow (C, K) sweep vs Megatron (hollow = over budget)")
+    fig.suptitle("ChunkFlow (C, K) on the selection batches vs Megatron on the timed ones")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

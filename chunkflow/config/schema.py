@@ -46,7 +46,8 @@ SPACO_SAMPLERS = ("bernoulli", "without_replacement")
 # LoRA targets, named like Hugging Face's projections; megatron fuses q/k/v into
 # linear_qkv and gate/up into linear_fc1 (each target then adapts its rows only).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "block", "full")
+LENGTH_DISTRIBUTIONS = ("bands", "llama3_sft")  # data.synthetic.distribution
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 OVERLONG = ("error", "truncate", "drop")
 BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend
@@ -117,6 +118,12 @@ class SyntheticConfig:
     long_fraction: float = 0.02
     max_len_fraction: float = 0.005
     min_len: int = 8
+    # "bands": the fractions above. "llama3_sft": the category mix and mean lengths of
+    # Llama 3's SFT data (data/synthetic.py, LLAMA3_SFT), each category exponential with
+    # its mean divided by length_scale, cut to [min_len, data.max_seq_len]; the band
+    # fractions are then unused. One of LENGTH_DISTRIBUTIONS.
+    distribution: str = "bands"
+    length_scale: float = 1.0  # llama3_sft: published token counts / this = our lengths
 
 
 @dataclass
@@ -149,7 +156,11 @@ class TrainConfig:
     steps: int = 40
     output_dir: str = "runs/tiny_cpu"
     schedule: str = "megatron"  # one of SCHEDULES
-    recompute: str = "none"  # one of RECOMPUTE, mapped onto megatron-core's settings
+    # One of RECOMPUTE, mapped onto megatron-core's settings: none; selective = core
+    # attention only; block = the first recompute_num_layers layers of every pipeline
+    # stage, each checkpointed (recompute_method="block"); full = every layer (uniform).
+    recompute: str = "none"
+    recompute_num_layers: int = 1  # with recompute=block: layers per stage, 1..layers per stage
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 4
@@ -266,9 +277,16 @@ class BenchConfig:
     # device memory on GPU) during a step; 0 = reported but not checked.
     peak_mem_budget_mb: float = 0.0
     warmup_steps: int = 1  # untimed global batches per side before timing (>= 1; they probe memory)
-    timed_steps: int = 3  # timed global batches (the same ones, in the same order, for every side)
-    # Megatron's train.recompute: "auto" = the first of none, selective, full that fits
-    # memory_budget_mb; or one of RECOMPUTE to force it.
+    timed_steps: int = 8  # timed global batches (the same ones, in the same order, for every side)
+    # Sweep mode: global batches (after the warm-up, before the timed ones) on which the
+    # fitting (C, K) points are timed to choose one; the timed batches then score it.
+    selection_steps: int = 2
+    # Per-batch speedups are summarised by their median and a seeded bootstrap 95%
+    # interval of the median with this many resamples.
+    bootstrap_resamples: int = 10000
+    # Megatron's train.recompute: "auto" = probe none, selective, block:1..L-1 (L = layers
+    # per stage) and full, run the fitting one with the fewest recompute FLOPs; or one of
+    # RECOMPUTE to force it ("block" with train.recompute_num_layers).
     megatron_recompute: str = "auto"
     # Sweep ChunkFlow over sweep_chunk_sizes x sweep_k (else run chunkflow.chunk_size/k)
     # and compare Megatron with the fastest point that fits; also draws a PNG.

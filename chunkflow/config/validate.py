@@ -13,8 +13,8 @@ import math
 from typing import Any, Callable, Collection, Iterator, Optional
 
 from chunkflow.config.loader import ConfigError
-from chunkflow.config.schema import (AUTO, BACKENDS, DTYPES, LORA_TARGETS, MODES, NONFINITE, OVERLONG,
-                                     RECOMPUTE, SCHEDULES, SIGNALS, SPACO_SAMPLERS, TINY_DEFAULT_FIELDS,
+from chunkflow.config.schema import (AUTO, BACKENDS, DTYPES, LENGTH_DISTRIBUTIONS, LORA_TARGETS, MODES, NONFINITE,
+                                     OVERLONG, RECOMPUTE, SCHEDULES, SIGNALS, SPACO_SAMPLERS, TINY_DEFAULT_FIELDS,
                                      TINY_DEFAULT_MAX_HIDDEN, Config, ModelConfig)
 
 __all__ = ["validate_config", "validate_layout", "divisors", "CHOICES", "NUMBER_RULES", "CROSS_CHECKED",
@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "parallel.backend": BACKENDS,
     "data.overlong": OVERLONG,
+    "data.synthetic.distribution": LENGTH_DISTRIBUTIONS,
     "train.schedule": SCHEDULES,
     "train.recompute": RECOMPUTE,
     "chunkflow.mode": MODES,
@@ -68,7 +69,9 @@ NUMBER_RULES: dict[str, Rule] = {
     "data.synthetic.medium_fraction": FRACTION,
     "data.synthetic.long_fraction": FRACTION,
     "data.synthetic.max_len_fraction": FRACTION,
+    "data.synthetic.length_scale": POSITIVE,
     "train.steps": INT_GE1,
+    "train.recompute_num_layers": INT_GE1,
     "train.lr": POSITIVE,
     "train.min_lr": NON_NEGATIVE,
     "train.warmup_steps": INT_GE0,
@@ -95,6 +98,8 @@ NUMBER_RULES: dict[str, Rule] = {
     "bench.peak_mem_budget_mb": NON_NEGATIVE,
     "bench.warmup_steps": INT_GE1,
     "bench.timed_steps": INT_GE1,
+    "bench.selection_steps": INT_GE0,
+    "bench.bootstrap_resamples": INT_GE1,
     "bench.sweep_chunk_sizes": INT_GE1,
     "bench.sweep_k": INT_GE1,
 }
@@ -250,6 +255,13 @@ def validate_config(cfg: Config, explicit: Optional[Collection[str]] = None) -> 
         raise ConfigError(
             f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}; "
             f"use one of {_joined(divisors(m.num_layers))}"
+        )
+    per_stage = m.num_layers // p.pipeline
+    if cfg.train.recompute == "block" and cfg.train.recompute_num_layers > per_stage:
+        raise ConfigError(
+            f"train.recompute_num_layers={cfg.train.recompute_num_layers} exceeds the {per_stage} layers "
+            f"of a pipeline stage (model.num_layers={m.num_layers} / parallel.pipeline={p.pipeline}); "
+            f"use 1..{per_stage} (recompute=full recomputes every layer)"
         )
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")

@@ -9,6 +9,21 @@ with bands relative to ``M = max_seq_len`` (bounds for M = 1024, ``min_len`` = 8
     long     long_fraction   0.02  (M/8, M]           [129, 1024]
       of which exactly at M: max_len_fraction 0.005   1024
 
+**Llama 3's SFT mix** (``distribution: llama3_sft``): the category fractions and mean
+lengths (tokens per example) of the SFT data statistics table of "The Llama 3 Herd of
+Models" (Meta, 2024, Table 7): 99.89% of examples average under 1K tokens, 0.11% are long
+context at ~38K on average. Only means are published, so each category's lengths are
+exponential (the maximum-entropy law for a given mean) with that mean / ``length_scale``,
+rounded and cut to ``[min_len, max_seq_len]``; counts per category are exact as below::
+
+    category              fraction   mean tokens
+    general English        52.66%        974.0
+    code                   14.89%        753.3
+    multilingual            3.01%        520.5
+    exam-like               8.14%        297.8
+    reasoning and tools    21.19%        661.6
+    long context            0.11%     38,135.6
+
 Counts are exact, not sampled: ``num_samples * fraction`` rounded by largest remainder,
 and ``n_max = floor(num_samples * max_len_fraction + 0.5)`` samples (part of the long
 band) have length exactly M; so there is at least one sample at M as soon as
@@ -65,6 +80,8 @@ from chunkflow.data.types import Sample
 __all__ = [
     "SyntheticVocab",
     "synthetic_lengths",
+    "llama3_sft_lengths",
+    "LLAMA3_SFT",
     "band_bounds",
     "make_synthetic",
     "recall_mask",
@@ -72,6 +89,9 @@ __all__ = [
 ]
 
 PAD, BOS, KEY, QUERY = 0, 1, 2, 3
+# (fraction of examples, mean tokens per example): Llama 3 report, SFT data statistics.
+LLAMA3_SFT = ((0.5266, 974.0), (0.1489, 753.3), (0.0301, 520.5), (0.0814, 297.8), (0.2119, 661.6),
+              (0.0011, 38135.6))
 MIN_RECALL_LEN = 6  # BOS KEY k v QUERY k v = 7 raw tokens = 6 positions
 MIN_VOCAB = 16
 MAX_KEYS = 32  # keys, and as many values: few enough that recall is learnt in ~600 steps
@@ -169,8 +189,27 @@ def _band_counts(cfg: SyntheticConfig) -> tuple[list[int], int]:
     return [int(c) for c in counts], num_at_max
 
 
+def _exact_counts(n: int, fractions: list[float]) -> list[int]:
+    """``n * fractions`` rounded by largest remainder (they sum to n)."""
+    wanted = np.asarray(fractions, dtype=np.float64) / sum(fractions) * n
+    counts = np.floor(wanted).astype(np.int64)
+    counts[np.argsort(-(wanted - counts), kind="stable")[: n - int(counts.sum())]] += 1
+    return [int(c) for c in counts]
+
+
+def llama3_sft_lengths(cfg: SyntheticConfig, *, max_seq_len: int, seed: int) -> np.ndarray:
+    """Lengths of the Llama 3 SFT mix (module docstring), scaled down by ``length_scale``."""
+    rng = np.random.default_rng(seed)
+    counts = _exact_counts(cfg.num_samples, [f for f, _ in LLAMA3_SFT])
+    parts = [rng.exponential(mean / cfg.length_scale, size=c) for (_, mean), c in zip(LLAMA3_SFT, counts)]
+    lengths = np.clip(np.rint(np.concatenate(parts)), cfg.min_len, max_seq_len).astype(np.int64)
+    return lengths[rng.permutation(len(lengths))]
+
+
 def synthetic_lengths(cfg: SyntheticConfig, *, max_seq_len: int, seed: int) -> np.ndarray:
     """The ``(num_samples,) int64`` sample lengths :func:`make_synthetic` uses for ``seed``."""
+    if cfg.distribution == "llama3_sft":
+        return llama3_sft_lengths(cfg, max_seq_len=max_seq_len, seed=seed)
     _check_fractions(cfg)
     bounds = band_bounds(max_seq_len, cfg.min_len)
     counts, num_at_max = _band_counts(cfg)

@@ -64,6 +64,9 @@ def build_transformer_config(cfg: Config, *, variable_seq_lengths: bool = True) 
     elif t.recompute == "full":
         recompute = {"recompute_granularity": "full", "recompute_method": "uniform",
                      "recompute_num_layers": 1}
+    elif t.recompute == "block":  # the first n layers of this stage, one checkpoint each
+        recompute = {"recompute_granularity": "full", "recompute_method": "block",
+                     "recompute_num_layers": t.recompute_num_layers}
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
