@@ -196,6 +196,7 @@ def test_script_sweep_pp2_writes_report_and_png(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "speedup" in proc.stdout and "loss check: OK" in proc.stdout
+    assert "timed  batch 2/2:" in proc.stdout and "eta 0:00:00)" in proc.stdout  # progress with ETA
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").is_file()
     assert report["mode"] == "sweep" and report["machine"]["world_size"] == 2

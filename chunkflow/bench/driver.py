@@ -46,6 +46,7 @@ from chunkflow.parallel import comm
 from chunkflow.parallel.distributed import ParallelContext
 from chunkflow.scheduling.memory import SavedTensorMeter
 from chunkflow.train.metrics import PeakMemory
+from chunkflow.train.progress import eta_seconds, format_duration
 
 __all__ = ["Side", "run_benchmark", "bench_worker", "guarded"]
 
@@ -279,12 +280,16 @@ class _Bench:
 
     def time_round_robin(self, sides: list[Side], steps: list[int], label: str = "timed") -> None:
         local: dict[int, dict[int, dict]] = {id(s): {} for s in sides}
+        t0 = time.perf_counter()
         for n, i in enumerate(steps):
             for side in (sides if n % 2 == 0 else sides[::-1]):  # alternate who goes first
                 local[id(side)][i] = self.step(side, i)
-            if self.ctx.rank == 0:
+            if self.ctx.rank == 0:  # progress: this phase's elapsed time and ETA
+                elapsed = time.perf_counter() - t0
+                eta = eta_seconds(elapsed, 0, n + 1, len(steps))
                 self.log(f"{label}  batch {n + 1}/{len(steps)}: " + "  ".join(
-                    f"{s.name} {local[id(s)][i]['wall_s']:.2f}s" for s in sides))
+                    f"{s.name} {local[id(s)][i]['wall_s']:.2f}s" for s in sides)
+                    + f"  (elapsed {format_duration(elapsed)}, eta {format_duration(eta)})")
         for side in sides:
             self.collect(side, local[id(side)])
             side.timed = side.timed or label == "timed"
