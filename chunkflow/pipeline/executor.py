@@ -187,12 +187,14 @@ class ChunkExecutor:
                 req.wait()
         inbox.update(received)
 
-    @staticmethod
-    def _context(row: PackedRow, store: StateStore, hop: float) -> Optional[ChunkContext]:
+    def _context(self, row: PackedRow, store: StateStore, hop: float) -> Optional[ChunkContext]:
         if not row.dependent:
             return None
+        start = _rope_offset(row)  # chunk j starts at token j*C of its sample
+        size = start // row.chunk_index if row.chunk_index else len(row)
         return ChunkContext(store=store, sample=row.sample_ids[0], chunk=row.chunk_index,
-                            num_chunks=row.num_chunks, grad_scale=hop)
+                            num_chunks=row.num_chunks, grad_scale=hop, start=start, block=size,
+                            capacity=(row.num_chunks - 1) * size + self._padded(size))
 
     # ------------------------------------------------------------------ one step
     def run(self, model: Any, rows: Sequence[PackedRow], forward_fn: ForwardFn, *, step: int = 0,
