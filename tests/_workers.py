@@ -312,3 +312,23 @@ def sp_layout_check(rank: int, world: int, overrides, samples, ref: dict, runs) 
     if ctx.pp_size == 1:
         tokens = _per_token_losses(ddp, ctx, samples, pad=row_pad_multiple(cfg))
     return {"results": results, "sp_params": marked, "token_losses": tokens, "tp_rank": ctx.tp_rank}
+
+
+def offload_reference(rank: int, world: int, overrides: Sequence[str], samples, runs) -> dict:
+    """World size 1: the Megatron reference, then ChunkFlow with ``chunkflow.offload_kv``
+    for each (k, chunk_size) in ``runs`` on the same weights (one spawn, several checks)."""
+    import dataclasses
+
+    import torch
+
+    torch.manual_seed(0)
+    cfg, ctx, ddp, offset = setup(list(overrides) + ["parallel.tensor=1", "parallel.pipeline=1"])
+    state = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    ref = run_step(cfg, ctx, ddp, samples, "megatron")
+    off = dataclasses.replace(cfg, chunkflow=dataclasses.replace(cfg.chunkflow, offload_kv=True))
+    results = []
+    for k, c in runs:
+        out = run_step(off, ctx, ddp, samples, "chunkflow", k=k, chunk_size=c)
+        results.append({"run": (k, c), "grad": compare_sharded(out["grads"], ref["grads"], ddp, ctx, offset),
+                        "loss": out["loss"], "extra": out["extra"]})
+    return {"state": state, "loss": ref["loss"], "grads": ref["grads"], "results": results}

@@ -202,6 +202,10 @@ class ChunkFlowConfig:
     # backward.
     mode: str = "chunkflow"
     spaco: SpaCOConfig = field(default_factory=SpaCOConfig)
+    # Keep each long sample's K/V state, its gradients and the cached pipeline inputs in
+    # host memory (pinned on CUDA) and stream what a chunk needs, block by block: device
+    # memory stops growing with the longest sample (docs/chunkflow.md, "Offload").
+    offload_kv: bool = False
 
 
 @dataclass

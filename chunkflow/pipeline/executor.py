@@ -142,8 +142,11 @@ class ChunkExecutor:
     """
 
     def __init__(self, k: int, *, config: Any, device: torch.device, group: Any = None,
-                 sampler: Any = None, tp_size: int = 1, pad_multiple: int = 1):
+                 sampler: Any = None, tp_size: int = 1, pad_multiple: int = 1,
+                 offload_kv: bool = False):
         self.k, self.config, self.device, self.group = k, config, device, group
+        self.offload_kv = offload_kv
+        self.store: Optional[StateStore] = None  # the last run's (memory figures)
         self.sampler = sampler
         self.stage = dist.get_rank(group) if group is not None else 0
         self.num_stages = dist.get_world_size(group) if group is not None else 1
@@ -209,7 +212,7 @@ class ChunkExecutor:
         steps = plan.stages[self.stage]
         recomputed = {st.action.mb for st in steps if isinstance(st.action, Recompute)}
         cfg = self.config
-        store = StateStore()
+        store = self.store = StateStore(offload=self.offload_kv)
         timer = SpanTimer(self.device)
         meter = SavedTensorMeter(exclude=module) if measure_memory else None
         reports: list = []
@@ -267,9 +270,10 @@ class ChunkExecutor:
                         inp = None if self.first else inbox.pop(("activation", mb))
                         rng = None
                         if mb in recomputed:  # rebuilt later: keep its input and random state
-                            cached[mb] = (inp, _rng_state(self.device))
+                            cached[mb] = (store.stash(inp), _rng_state(self.device))
                     else:
-                        inp, rng = cached.pop(mb)
+                        stashed, rng = cached.pop(mb)
+                        inp = store.unstash(stashed)
                     if inp is not None and keep:
                         inp = inp.detach().requires_grad_(True)
                     with _replayed_rng(rng, self.device):
@@ -305,7 +309,7 @@ class ChunkExecutor:
     def run_forward_only(self, model: Any, rows: Sequence[PackedRow], forward_fn: ForwardFn) -> _Outcome:
         """Evaluation: every chunk forward once, in order, without graphs."""
         module = getattr(model, "module", model)
-        store = StateStore()
+        store = self.store = StateStore(offload=self.offload_kv)
         timer = SpanTimer(self.device)
         reports: list = []
         for mb, row in enumerate(rows):
@@ -349,14 +353,14 @@ class ChunkFlowSchedule:
     name = "chunkflow"
 
     def __init__(self, model: Any, ctx: Any, k: int, *, sampler: Any = None,
-                 measure_memory: bool = False, pad_multiple: int = 1):
+                 measure_memory: bool = False, pad_multiple: int = 1, offload_kv: bool = False):
         from megatron.core.utils import get_model_config
 
         self.model, self.ctx = model, ctx
         self.executor = ChunkExecutor(
             k, config=get_model_config(model), device=ctx.device,
             group=ctx.pp_group if ctx.pp_size > 1 else None, sampler=sampler,
-            tp_size=ctx.tp_size, pad_multiple=pad_multiple)
+            tp_size=ctx.tp_size, pad_multiple=pad_multiple, offload_kv=offload_kv)
         self.measure_memory = measure_memory
         self.pad_multiple = pad_multiple
         self.step = 0
@@ -402,6 +406,7 @@ class ChunkFlowSchedule:
         self.last = out
         loss_sum, num = _sum_reports(out.reports)
         extra: dict[str, Any] = {"kv_state_peak_bytes": out.kv_state_peak_bytes}
+        extra.update({f"kv_{k}": v for k, v in self.executor.store.memory().items()})
         if self.executor.sampler is not None:
             extra["spaco_chunks"] = sum(1 for r in rows if r.dependent)
             extra["spaco_backprop_chunks"] = sum(len(sel.chunks) for sel in out.selection.values())

@@ -81,25 +81,30 @@ class _Pools:
         self.offload = offload
         self.host_dir = host_dir
         self._streams: dict[torch.device, Any] = {}
-        self.bytes = {"device": 0, "host": 0}
-        self.peak = {"device": 0, "host": 0}
+        # Current and peak bytes per pool, and per pool and kind ("kv": K/V buffers and
+        # gradients; "inputs": stashed pipeline inputs; "blocks": regions fetched to the
+        # device).
+        self.bytes: dict = {}
+        self.peak: dict = {}
 
     # ---------------------------------------------------------------- accounting
-    def _count(self, t: torch.Tensor, pool: str) -> torch.Tensor:
+    def _count(self, t: torch.Tensor, pool: str, kind: str) -> torch.Tensor:
         n = t.numel() * t.element_size()
-        self.bytes[pool] += n
-        self.peak[pool] = max(self.peak[pool], self.bytes[pool])
-        weakref.finalize(t, self._release, pool, n)
+        for key in (pool, (pool, kind)):
+            self.bytes[key] = self.bytes.get(key, 0) + n
+            self.peak[key] = max(self.peak.get(key, 0), self.bytes[key])
+        weakref.finalize(t, self._release, pool, kind, n)
         return t
 
-    def _release(self, pool: str, n: int) -> None:
+    def _release(self, pool: str, kind: str, n: int) -> None:
         self.bytes[pool] -= n
+        self.bytes[(pool, kind)] -= n
 
     # ---------------------------------------------------------------- allocation
-    def alloc(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def alloc(self, shape: tuple, dtype: torch.dtype, device: torch.device, kind: str = "kv") -> torch.Tensor:
         """An uninitialised buffer in the state's home pool."""
         if not self.offload:
-            return self._count(torch.empty(shape, dtype=dtype, device=device), "device")
+            return self._count(torch.empty(shape, dtype=dtype, device=device), "device", kind)
         numel = 1
         for s in shape:
             numel *= s
@@ -113,7 +118,7 @@ class _Pools:
             finally:
                 os.close(fd)
                 os.unlink(path)  # the mapping keeps the pages; nothing is left on disk
-        return self._count(t, "host")
+        return self._count(t, "host", kind)
 
     # ---------------------------------------------------------------- copies
     def _stream(self, device: torch.device) -> Any:
@@ -130,13 +135,14 @@ class _Pools:
             return home, None
         side = self._stream(device)
         if side is None:
-            return self._count(torch.empty(home.shape, dtype=home.dtype, device=device).copy_(home), "device"), None
+            t = torch.empty(home.shape, dtype=home.dtype, device=device).copy_(home)
+            return self._count(t, "device", "blocks"), None
         with torch.cuda.stream(side):  # pragma: no cover - needs CUDA
             t = torch.empty(home.shape, dtype=home.dtype, device=device)
             t.copy_(home, non_blocking=True)
             event = torch.cuda.Event()
             event.record(side)
-        return self._count(t, "device"), event  # pragma: no cover
+        return self._count(t, "device", "blocks"), event  # pragma: no cover
 
     @staticmethod
     def ready(t: torch.Tensor, event: Any) -> torch.Tensor:
@@ -286,8 +292,8 @@ class StateStore:
         if t is None:
             return None
         if not self.offload:
-            return self.pools._count(t, "device")
-        home = self.pools.alloc(tuple(t.shape), t.dtype, t.device)
+            return self.pools._count(t, "device", "inputs")
+        home = self.pools.alloc(tuple(t.shape), t.dtype, t.device, kind="inputs")
         self.pools.store(home, t)
         return home, t.device, t.requires_grad
 
@@ -311,9 +317,15 @@ class StateStore:
     def memory(self) -> dict[str, int]:
         """Current and peak bytes of each pool (K/V, gradients, stashed inputs, and the
         blocks fetched to the device)."""
-        p = self.pools
-        return {"device_bytes": p.bytes["device"], "device_peak_bytes": p.peak["device"],
-                "host_bytes": p.bytes["host"], "host_peak_bytes": p.peak["host"]}
+        out = {}
+        for key, peak in self.pools.peak.items():
+            name = key if isinstance(key, str) else "_".join(key)
+            out[f"{name}_bytes"] = self.pools.bytes[key]
+            out[f"{name}_peak_bytes"] = peak
+        for pool in ("device", "host"):
+            out.setdefault(f"{pool}_bytes", 0)
+            out.setdefault(f"{pool}_peak_bytes", 0)
+        return out
 
 
 def _nested(device: torch.device) -> bool:
