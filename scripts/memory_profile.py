@@ -112,6 +112,39 @@ def _table(rows: list[dict]) -> None:
               f"{r['inputs_host_bytes'] / MIB:>8.2f} {r['rss_growth_bytes'] / MIB:>8.1f} {r['step_s']:>7.2f}")
 
 
+def _plot(rows: list[dict], path: str) -> None:
+    """Device side (max over ranks) per schedule and pipeline size; the offload host side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series: dict = {}
+    for r in rows:
+        for side in ("device", "host"):
+            if side == "host" and r["schedule"] != "offload":
+                continue
+            key = (r["schedule"], r["pp"], side)
+            at = series.setdefault(key, {})
+            at[r["longest"]] = max(at.get(r["longest"], 0), r[f"{side}_side_bytes"] / MIB)
+    for (name, pp, side), pts in sorted(series.items()):
+        xs = sorted(pts)
+        label = f"{name if name != 'offload' else 'chunkflow + offload_kv'}, PP={pp}: {side} side"
+        ax.plot(xs, [pts[x] for x in xs], marker="o", linestyle="--" if side == "host" else "-",
+                label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("longest sample (tokens)")
+    ax.set_ylabel("MiB per rank (max over ranks)")
+    ax.set_title("Memory as the longest sample grows (tiny model, CPU)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def _longest_within(args, variant: str, pp: int) -> dict:
     """Double the longest sample from 4C while the device side fits ``--budget-mib``."""
     best, m, tried = None, 4, []
@@ -137,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-mib", type=float, default=0.0)
     p.add_argument("--max-multiple", type=int, default=256)
     p.add_argument("--out", default="runs/memory_profile.json")
+    p.add_argument("--plot", default="", help="also draw the device/host sides to this PNG")
+    p.add_argument("--from-json", default="", help="re-print and plot the rows of an earlier --out")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     variants = [s for s in args.schedules.split(",") if s] + (["offload"] if args.offload_kv else [])
@@ -149,11 +184,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f['schedule']:<9} pp={f['pp']}: longest sample within {f['budget_mib']:g} MiB "
                   f"device side: {f['longest_fit']} tokens{cap}")
         result["budget"] = fits
+    elif args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        _table(rows)
+        if args.plot:
+            _plot(rows, args.plot)
+        return 0
     else:
         rows = [r for pp in pps for m in [int(x) for x in args.multiples.split(",")]
                 for v in variants for r in _run(args.config, args.overrides, v, m, pp)]
         _table(rows)
         result["rows"] = rows
+        if args.plot:
+            _plot(rows, args.plot)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
