@@ -204,7 +204,8 @@ class ChunkFlowConfig:
     spaco: SpaCOConfig = field(default_factory=SpaCOConfig)
     # Keep each long sample's K/V state, its gradients and the cached pipeline inputs in
     # host memory (pinned on CUDA) and stream what a chunk needs, block by block: device
-    # memory stops growing with the longest sample (docs/chunkflow.md, "Offload").
+    # memory stops growing with the longest sample (docs/chunkflow.md, "Offload"). The
+    # megatron schedule (e.g. a benchmark's baseline side) has no such state and ignores it.
     offload_kv: bool = False
 
 

@@ -266,11 +266,6 @@ def validate_config(cfg: Config, explicit: Optional[Collection[str]] = None) -> 
         )
     _validate_seco_spaco(cfg)
     _validate_lora(cfg)
-    if c.offload_kv and cfg.train.schedule != "chunkflow":
-        raise ConfigError(
-            f"chunkflow.offload_kv=true offloads ChunkFlow's K/V state: set train.schedule=chunkflow "
-            f"(got train.schedule={cfg.train.schedule}) or chunkflow.offload_kv=false"
-        )
 
 
 def _validate_seco_spaco(cfg: Config) -> None:
