@@ -34,16 +34,17 @@ Backward uses the merged ``o`` and ``l`` for every part: with them the flash bac
 part p computes ``P_p = exp(S_p - l)`` (its slice of the full softmax) and
 ``D = rowsum(dO * o)`` (the full softmax's term), so the part's dQ, dK, dV are exactly
 its share of the full gradient. Only q, the K/V inputs, ``o`` and ``l`` are kept for
-backward; no score matrix, no mask, no K/V copies. The prefix is passed as the list of
-per-chunk blocks the state store holds, each merged in turn, so it is not concatenated
-either (a concatenation would be a second copy of the prefix per layer and live chunk).
+backward; no score matrix, no mask, no K/V copies. A dependent chunk's prefix is a view
+of the state store's per-sample buffer (one block), or, with K/V offload, chunk-sized
+blocks streamed from host memory and merged in turn (:func:`block_forward`,
+:func:`block_backward`, :func:`merge_block`; ``chunkflow.scheduling.state``).
 
 Backends (:func:`attention_backend`, decided per device and dtype, logged once):
 
 * CPU: torch's flash kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (native
   GQA, returns the log-sum-exp) and its backward op, merged as above (:class:`_MergedCPU`).
-* CUDA + flash-attn 2 (fp16/bf16): ``flash_attn_func(causal=True)`` on the concatenated
-  prefix (bottom-right aligned when ``sq < sk`` since flash-attn 2.1, native GQA);
+* CUDA + flash-attn 2 (fp16/bf16): ``flash_attn_func(causal=True)`` over prefix + own
+  K/V as one sequence (for a dependent chunk, a view of the state store's buffer; bottom-right aligned when ``sq < sk`` since flash-attn 2.1, native GQA);
   packed rows via ``flash_attn_varlen_func`` (a padding segment is one more segment).
 * CUDA without flash-attn, or fp32, and other devices: ``scaled_dot_product_attention``
   with ``causal_lower_right(sq, sk)`` and ``enable_gqa=True``. This warns: for fp32 with
