@@ -20,6 +20,8 @@ import chunkflow.model.attention as attn
 import chunkflow.scheduling.state as state
 from chunkflow.scheduling.state import ChunkContext, StateStore
 
+pytestmark = [pytest.mark.megatron, pytest.mark.once]  # imports megatron-core; version-independent
+
 HID, HEADS, GROUPS, DIM = 16, 4, 2, 8
 MODULE = types.SimpleNamespace(layer_number=1, _scale=lambda d: d**-0.5)
 
