@@ -334,3 +334,23 @@ def write_pid_and_wait(rank: int, world: int, pid_dir: str) -> None:
     with open(os.path.join(pid_dir, str(rank)), "w") as f:
         f.write(str(os.getpid()))
     time.sleep(600)
+
+
+def offload_reference(rank: int, world: int, overrides: Sequence[str], samples, runs) -> dict:
+    """World size 1: the Megatron reference, then ChunkFlow with ``chunkflow.offload_kv``
+    for each (k, chunk_size) in ``runs`` on the same weights (one spawn, several checks)."""
+    import dataclasses
+
+    import torch
+
+    torch.manual_seed(0)
+    cfg, ctx, ddp, offset = setup(list(overrides) + ["parallel.tensor=1", "parallel.pipeline=1"])
+    state = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    ref = run_step(cfg, ctx, ddp, samples, "megatron")
+    off = dataclasses.replace(cfg, chunkflow=dataclasses.replace(cfg.chunkflow, offload_kv=True))
+    results = []
+    for k, c in runs:
+        out = run_step(off, ctx, ddp, samples, "chunkflow", k=k, chunk_size=c)
+        results.append({"run": (k, c), "grad": compare_sharded(out["grads"], ref["grads"], ddp, ctx, offset),
+                        "loss": out["loss"], "extra": out["extra"]})
+    return {"state": state, "loss": ref["loss"], "grads": ref["grads"], "results": results}

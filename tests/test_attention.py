@@ -117,51 +117,49 @@ def test_packed_rows_stay_within_segments():
 
 def _attend_dependent_chunk(num_prefix_chunks, hooks, heads=4, groups=2):
     """Run ChunkContext.attend (forward under ``hooks``, then backward) for chunk
-    ``num_prefix_chunks`` of one sample; returns the stored prefix leaves."""
+    ``num_prefix_chunks`` of one sample; returns the sample's K/V buffers."""
     gen = torch.Generator().manual_seed(3)
     store = StateStore()
+    n = num_prefix_chunks + 1
+    kv = store.layer("s", 1, n * C, C, torch.empty(C, groups, DIM))
     for j in range(num_prefix_chunks):
-        store.put("s", 1, j, torch.randn(groups, C, DIM, generator=gen), torch.randn(groups, C, DIM, generator=gen))
+        kv.write(j * C, torch.randn(C, groups, DIM, generator=gen), torch.randn(C, groups, DIM, generator=gen))
     module = types.SimpleNamespace(layer_number=1, _scale=lambda d: d**-0.5)
-    ctx = ChunkContext(store, sample="s", chunk=num_prefix_chunks, num_chunks=num_prefix_chunks + 1)
+    ctx = ChunkContext(store, sample="s", chunk=num_prefix_chunks, num_chunks=n)
     query = torch.randn(C, 1, heads, DIM, generator=gen, requires_grad=True)
     key = torch.randn(C, 1, groups, DIM, generator=gen, requires_grad=True)
     value = torch.randn(C, 1, groups, DIM, generator=gen, requires_grad=True)
     with hooks:
         out = ctx.attend(module, query, key, value, None)
     out.sum().backward()
-    # The stored leaves of the prefix chunks and of this chunk (whose K/V it attends to).
-    return [t for j in range(num_prefix_chunks + 1) for t in (store.entry("s", 1, j).k, store.entry("s", 1, j).v)]
+    return kv
 
 
-def test_dependent_chunk_keeps_no_mask_and_no_per_head_kv():
+def test_dependent_chunk_keeps_no_mask_and_no_prefix():
     heads, groups, num_prefix = 4, 2, 16
     saved = []
     record = torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x)
-    leaves = _attend_dependent_chunk(num_prefix, record, heads, groups)
+    kv = _attend_dependent_chunk(num_prefix, record, heads, groups)
     prefix = num_prefix * C
-    leaf_ptrs = {t.untyped_storage().data_ptr() for t in leaves}
     for t in saved:
-        # No (C x prefix) score, probability or mask matrix in any layout.
+        # No (C x prefix) score, probability or mask matrix in any layout, and nothing
+        # of prefix length at all: the prefix is read from the store, not saved.
         assert t.numel() < C * prefix, t.shape
-        assert t.dim() < 2 or t.shape[-1] * t.shape[-2] < C * prefix, t.shape
-        # No K/V widened to the query heads, no copy of the prefix: every saved tensor
-        # with prefix-sized rows is one of the stored leaves itself.
-        if t.dim() >= 2 and t.shape[-2] >= C * 2:
-            assert t.untyped_storage().data_ptr() in leaf_ptrs, t.shape
-            assert t.shape[-3] == groups, t.shape
-    # The memory meter sees the K/V the chunk attends to as K/V state (the stored leaves,
-    # tagged) and the rest as chunk-sized activations, independent of the prefix length.
+        assert t.dim() < 2 or max(t.shape) <= C, t.shape
+        assert t.untyped_storage().data_ptr() != kv.k.untyped_storage().data_ptr()
+    # The prefix's gradient landed in the store's gradient buffer, in place.
+    assert kv.grad_hi == prefix and kv.gk[:prefix].abs().sum() > 0
+    # Activations saved by the chunk do not depend on the prefix length.
     meter, meter4 = SavedTensorMeter(), SavedTensorMeter()
-    leaves = _attend_dependent_chunk(num_prefix, meter, heads, groups)
-    assert meter.peak_kv_bytes == sum(t.numel() * t.element_size() for t in leaves)
+    _attend_dependent_chunk(num_prefix, meter, heads, groups)
     _attend_dependent_chunk(4, meter4, heads, groups)
     assert meter.peak_bytes == meter4.peak_bytes > 0
+    assert meter.peak_kv_bytes == 0
 
 
-def test_dependent_chunk_gradients_reach_stored_leaves():
-    leaves = _attend_dependent_chunk(3, SavedTensorMeter())[:-2]
-    assert all(t.grad is not None and t.grad.abs().max() > 0 for t in leaves)
+def test_dependent_chunk_gradients_reach_the_gradient_buffer():
+    kv = _attend_dependent_chunk(3, SavedTensorMeter())
+    assert all(g[j * C:(j + 1) * C].abs().max() > 0 for j in range(3) for g in (kv.gk, kv.gv))
 
 
 def test_backend_is_named_and_warns_without_flash_attn(caplog):

@@ -46,11 +46,11 @@ def test_cpu_smoke_passes_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     table = _table(proc.stdout)
     expect_pass = ["env", "init", "attention[fp64]", "attention[fp32]", "verify[fp64]", "verify[fp32]",
-                   "train[chunkflow]", "train[resume]", "train[megatron]"]
+                   "verify[fp32,offload-kv]", "train[chunkflow]", "train[resume]", "train[megatron]"]
     expect_skip = ["attention[bf16]", "attention[fp16]", "verify[bf16]", "multi_gpu[verify", "multi_gpu[train"]
     for name in expect_pass:
         assert table.get(name) == PASS, (name, proc.stdout)
-    assert "9 passed, 0 failed" in proc.stdout
+    assert "10 passed, 0 failed" in proc.stdout
 
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["mode"] == "cpu-smoke"

@@ -232,10 +232,6 @@ class SpaCOConfig:
 class ChunkFlowConfig:
     chunk_size: IntOrAuto = 256  # C: tokens per chunk, or "auto" (train.memory_budget_mb)
     k: IntOrAuto = 1  # K: chunks of one long sample whose activations may be alive at once, or "auto"
-    # Keep long samples' K/V state off the device between uses (about one chunk's K/V per
-    # layer on the device at a time instead of the whole prefix); the memory model of
-    # chunk_size/k = auto counts it so.
-    offload_kv: bool = False
     # With train.schedule=chunkflow: "chunkflow" (any K); "seco" = sequential chunk-wise
     # optimisation, K = 1 (exact; one chunk's activations alive per long sample); "spaco" =
     # seco that back-propagates only a sampled subset of each long sample's chunks
@@ -243,6 +239,12 @@ class ChunkFlowConfig:
     # backward.
     mode: str = "chunkflow"
     spaco: SpaCOConfig = field(default_factory=SpaCOConfig)
+    # Keep each long sample's K/V state, its gradients and the cached pipeline inputs in
+    # host memory (pinned on CUDA) and stream what a chunk needs, block by block: device
+    # memory stops growing with the longest sample (docs/chunkflow.md, "Offload"). The
+    # megatron schedule (e.g. a benchmark's baseline side) has no such state and ignores it.
+    # The memory model of chunk_size/k = auto counts about one chunk's K/V per layer then.
+    offload_kv: bool = False
 
 
 @dataclass

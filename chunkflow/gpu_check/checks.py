@@ -10,6 +10,8 @@ attention[bf16|fp16]     default path (flash-attn if installed)        SKIP: no 
 attention[*,sdpa-forced] SDPA path where flash-attn is the default     SKIP
 verify[fp64|fp32]        verify_equivalence, tiny model, 1024 tokens   same on CPU
 verify[bf16]             same in bf16                                  SKIP: no CUDA device
+verify[fp32,offload-kv]  verify[fp32] with chunkflow.offload_kv: K/V   same; host pool = a
+                         in pinned host memory, side-stream copies     memory-mapped file
 train[chunkflow]         Qwen2.5-7B width, --layers 2, 32K, C 8K, K 2  tiny model, 512, C 128
 train[resume]            resume the step-2 checkpoint, same losses     same
 train[megatron]          Megatron schedule on the same data            same
@@ -142,20 +144,22 @@ def _attention(state: State, dtype: str, forced: bool) -> Result:
     return Result("", PASS, value=value, details=details)
 
 
-def _verify_config(state: State, dtype: str):
+def _verify_config(state: State, dtype: str, *extra: str):
     from chunkflow.gpu_check.runs import run_config
 
     return run_config(state.opts.workdir, f"verify_{dtype}", width="tiny", layers=2, dtype=dtype,
-                      seq_len=1024, chunk_size=256, k=2, steps=1)
+                      seq_len=1024, chunk_size=256, k=2, steps=1, extra=extra)
 
 
-def _verify(state: State, dtype: str) -> Result:
+def _verify(state: State, dtype: str, offload: bool = False) -> Result:
     from chunkflow.gpu_check.runs import run_verify
 
     if dtype == "bf16":
         _need_cuda(state)
-    r = run_verify(_verify_config(state, dtype), state.ctx)
-    value = (f"max rel grad diff {r['max_rel_grad_diff']:.1e} (tol {r['tolerance']:.0e}), loss "
+    extra = ("chunkflow.offload_kv=true",) if offload else ()
+    r = run_verify(_verify_config(state, dtype, *extra), state.ctx)
+    pool = "pinned host memory" if state.ctx.device.type == "cuda" else "a memory-mapped file"
+    value = (f"K/V offloaded to {pool}; " if offload else "") + (f"max rel grad diff {r['max_rel_grad_diff']:.1e} (tol {r['tolerance']:.0e}), loss "
              f"{r['loss_megatron']:.6f} vs {r['loss_chunkflow']:.6f}, {r['num_chunks']} chunks "
              f"({r['num_dependent_chunks']} dependent)")
     if not r["ok"]:
@@ -321,6 +325,7 @@ def build_checks(opts: Options) -> tuple[list[Check], State]:
             lambda d=dtype: (_need_cuda(state), _attention(state, d, True))[1])
     for dtype in ("fp64", "fp32", "bf16"):
         add(f"verify[{dtype}]", lambda d=dtype: _verify(state, d))
+    add("verify[fp32,offload-kv]", lambda: _verify(state, "fp32", offload=True))
     add("train[chunkflow]", lambda: _train_chunkflow(state))
     add("train[resume]", lambda: _train_resume(state), ("init", "train[chunkflow]"))
     add("train[megatron]", lambda: _train_megatron(state))

@@ -34,16 +34,17 @@ Backward uses the merged ``o`` and ``l`` for every part: with them the flash bac
 part p computes ``P_p = exp(S_p - l)`` (its slice of the full softmax) and
 ``D = rowsum(dO * o)`` (the full softmax's term), so the part's dQ, dK, dV are exactly
 its share of the full gradient. Only q, the K/V inputs, ``o`` and ``l`` are kept for
-backward; no score matrix, no mask, no K/V copies. The prefix is passed as the list of
-per-chunk blocks the state store holds, each merged in turn, so it is not concatenated
-either (a concatenation would be a second copy of the prefix per layer and live chunk).
+backward; no score matrix, no mask, no K/V copies. A dependent chunk's prefix is a view
+of the state store's per-sample buffer (one block), or, with K/V offload, chunk-sized
+blocks streamed from host memory and merged in turn (:func:`block_forward`,
+:func:`block_backward`, :func:`merge_block`; ``chunkflow.scheduling.state``).
 
 Backends (:func:`attention_backend`, decided per device and dtype, logged once):
 
 * CPU: torch's flash kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (native
   GQA, returns the log-sum-exp) and its backward op, merged as above (:class:`_MergedCPU`).
-* CUDA + flash-attn 2 (fp16/bf16): ``flash_attn_func(causal=True)`` on the concatenated
-  prefix (bottom-right aligned when ``sq < sk`` since flash-attn 2.1, native GQA);
+* CUDA + flash-attn 2 (fp16/bf16): ``flash_attn_func(causal=True)`` over prefix + own
+  K/V as one sequence (for a dependent chunk, a view of the state store's buffer; bottom-right aligned when ``sq < sk`` since flash-attn 2.1, native GQA);
   packed rows via ``flash_attn_varlen_func`` (a padding segment is one more segment).
 * CUDA without flash-attn, or fp32, and other devices: ``scaled_dot_product_attention``
   with ``causal_lower_right(sq, sk)`` and ``enable_gqa=True``. This warns: for fp32 with
@@ -69,6 +70,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 __all__ = [
     "SDPAAttention", "ATTENTION_HOOK", "causal_attention", "packed_attention",
     "attention_backend", "host_cu_seqlens", "flash_attn_available",
+    "block_forward", "block_backward", "merge_block",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,6 +175,102 @@ class _MergedCPU(torch.autograd.Function):
                 grads += [dk_i, dv_i]
             dq = dq.to(q.dtype)
         return (None, dq, dk, dv, *grads)
+
+
+# --------------------------------------------------------------- block kernels
+# A block is one piece of the keys a query chunk attends to. ``block_forward`` returns
+# the block's output and log-sum-exp; ``merge_block`` folds it into a running result;
+# ``block_backward`` computes the block's share of dq, dk, dv from the *merged* output
+# and log-sum-exp (module docstring). Layouts: ``q (1, heads, sq, d)``,
+# ``k/v (1, groups, sk, d)`` (any strides with a contiguous last dim), ``lse (1, heads, sq)``
+# in fp32 (fp64 for fp64). ``causal`` = the square own-chunk block (sq == sk).
+
+_QUERY_TILE = 1024  # query rows per tile of the generic kernel: scores are (heads, tile, sk)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _generic_scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, row0: int) -> torch.Tensor:
+    """Scores of query rows ``row0 ..`` of ``q (g, r, t, d)`` over ``k (g, sk, d)`` in fp32+."""
+    dt = _lse_dtype(q.dtype)
+    s = torch.matmul(q.to(dt), k.to(dt)[:, None].transpose(-1, -2)) * scale  # (g, r, t, sk)
+    if causal:
+        t, sk = s.shape[-2], s.shape[-1]
+        rows = torch.arange(row0, row0 + t, device=s.device)[:, None]
+        s = s.masked_fill(torch.arange(sk, device=s.device)[None, :] > rows, float("-inf"))
+    return s
+
+
+def _generic_forward(q, k, v, scale, causal):
+    """Exact attention by matmuls, tiled over query rows, GQA without repeating K/V."""
+    _, heads, sq, d = q.shape
+    groups = k.shape[1]
+    qg = q[0].reshape(groups, heads // groups, sq, d)
+    outs, lses = [], []
+    for a in range(0, sq, _QUERY_TILE):
+        s = _generic_scores(qg[:, :, a:a + _QUERY_TILE], k[0], scale, causal, a)
+        lse = torch.logsumexp(s, dim=-1)
+        p = (s - lse[..., None]).exp_()
+        outs.append(torch.matmul(p, v[0].to(p.dtype)[:, None]).to(q.dtype))
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).reshape(1, heads, sq, d)
+    return out, torch.cat(lses, dim=2).reshape(1, heads, sq)
+
+
+def _generic_backward(dout, q, k, v, out, lse, scale, causal):
+    _, heads, sq, d = q.shape
+    groups = k.shape[1]
+    r = heads // groups
+    dt = _lse_dtype(q.dtype)
+    qg, dog, og = (t[0].reshape(groups, r, sq, d) for t in (q, dout, out))
+    lg = lse[0].reshape(groups, r, sq)
+    kk, vv = k[0].to(dt), v[0].to(dt)
+    dk = torch.zeros(kk.shape, dtype=dt, device=k.device)
+    dv = torch.zeros(vv.shape, dtype=dt, device=v.device)
+    dqs = []
+    for a in range(0, sq, _QUERY_TILE):
+        b = min(a + _QUERY_TILE, sq)
+        p = (_generic_scores(qg[:, :, a:b], k[0], scale, causal, a) - lg[:, :, a:b, None]).exp_()
+        do = dog[:, :, a:b].to(dt)
+        dv += torch.matmul(p.transpose(-1, -2), do).sum(dim=1)
+        dp = torch.matmul(do, vv[:, None].transpose(-1, -2))
+        delta = (do * og[:, :, a:b].to(dt)).sum(dim=-1, keepdim=True)
+        ds = p * (dp - delta) * scale
+        dqs.append(torch.matmul(ds, kk[:, None]))
+        dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, a:b].to(dt)).sum(dim=1)
+    dq = torch.cat(dqs, dim=2).reshape(1, heads, sq, d)
+    return dq.to(q.dtype), dk[None].to(k.dtype), dv[None].to(v.dtype)
+
+
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q`` over one key block: the CPU flash kernel on CPU, exact
+    tiled matmuls elsewhere (the CUDA flash kernels do not return a mergeable lse
+    through a stable public API)."""
+    if q.device.type == "cpu":
+        out, lse = _CPU_FWD(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    return _generic_forward(q, k, v, scale, causal)
+
+
+def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, scale: float,
+                   causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's ``(dq, dk, dv)`` given the merged ``out`` and ``lse``."""
+    if q.device.type == "cpu":
+        return _CPU_BWD(dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return _generic_backward(dout, q, k, v, out, lse, scale, causal)
+
+
+def merge_block(acc: torch.Tensor, lse: torch.Tensor, o_i: torch.Tensor,
+                l_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold block output ``o_i`` (log-sum-exp ``l_i``) into ``acc`` (``lse``); ``acc`` is
+    kept in the lse's precision."""
+    new = torch.logaddexp(lse, l_i)
+    acc = acc * (lse - new).exp_()[..., None] + o_i.to(acc.dtype) * (l_i - new).exp_()[..., None]
+    return acc, new
 
 
 def causal_attention(

@@ -175,8 +175,11 @@ class ChunkExecutor:
     """
 
     def __init__(self, k: int, *, config: Any, device: torch.device, group: Any = None,
-                 sampler: Any = None, tp_size: int = 1, pad_multiple: int = 1):
+                 sampler: Any = None, tp_size: int = 1, pad_multiple: int = 1,
+                 offload_kv: bool = False):
         self.k, self.config, self.device, self.group = k, config, device, group
+        self.offload_kv = offload_kv
+        self.store: Optional[StateStore] = None  # the last run's (memory figures)
         self.sampler = sampler
         self.stage = dist.get_rank(group) if group is not None else 0
         self.num_stages = dist.get_world_size(group) if group is not None else 1
@@ -239,12 +242,14 @@ class ChunkExecutor:
         posted.wait_op(i)
         return t if t.device == self.device else t.to(self.device)
 
-    @staticmethod
-    def _context(row: PackedRow, store: StateStore, hop: float) -> Optional[ChunkContext]:
+    def _context(self, row: PackedRow, store: StateStore, hop: float) -> Optional[ChunkContext]:
         if not row.dependent:
             return None
+        start = _rope_offset(row)  # chunk j starts at token j*C of its sample
+        size = start // row.chunk_index if row.chunk_index else len(row)
         return ChunkContext(store=store, sample=row.sample_ids[0], chunk=row.chunk_index,
-                            num_chunks=row.num_chunks, grad_scale=hop)
+                            num_chunks=row.num_chunks, grad_scale=hop, start=start, block=size,
+                            capacity=(row.num_chunks - 1) * size + self._padded(size))
 
     # ------------------------------------------------------------------ one step
     def run(self, model: Any, rows: Sequence[PackedRow], forward_fn: ForwardFn, *, step: int = 0,
@@ -259,7 +264,7 @@ class ChunkExecutor:
         steps = plan.stages[self.stage]
         recomputed = {st.action.mb for st in steps if isinstance(st.action, Recompute)}
         cfg = self.config
-        store = StateStore()
+        store = self.store = StateStore(offload=self.offload_kv)
         timer = SpanTimer(self.device)
         meter = SavedTensorMeter(exclude=module) if measure_memory else None
         reports: list = []
@@ -362,9 +367,10 @@ class ChunkExecutor:
                         inp = None if self.first else self._received(inbox, ("activation", mb))
                         rng = None
                         if mb in recomputed:  # rebuilt later: keep its input and random state
-                            cached[mb] = (inp, _rng_state(self.device))
+                            cached[mb] = (store.stash(inp), _rng_state(self.device))
                     else:
-                        inp, rng = cached.pop(mb)
+                        stashed, rng = cached.pop(mb)
+                        inp = store.unstash(stashed)
                     if inp is not None and keep:
                         inp = inp.detach().requires_grad_(True)
                     with _replayed_rng(rng, self.device):
@@ -404,7 +410,7 @@ class ChunkExecutor:
     def run_forward_only(self, model: Any, rows: Sequence[PackedRow], forward_fn: ForwardFn) -> _Outcome:
         """Evaluation: every chunk forward once, in order, without graphs."""
         module = getattr(model, "module", model)
-        store = StateStore()
+        store = self.store = StateStore(offload=self.offload_kv)
         timer = SpanTimer(self.device)
         reports: list = []
         for mb, row in enumerate(rows):
@@ -453,14 +459,14 @@ class ChunkFlowSchedule:
     name = "chunkflow"
 
     def __init__(self, model: Any, ctx: Any, k: int, *, sampler: Any = None,
-                 measure_memory: bool = False, pad_multiple: int = 1):
+                 measure_memory: bool = False, pad_multiple: int = 1, offload_kv: bool = False):
         from megatron.core.utils import get_model_config
 
         self.model, self.ctx = model, ctx
         self.executor = ChunkExecutor(
             k, config=get_model_config(model), device=ctx.device,
             group=ctx.pp_group if ctx.pp_size > 1 else None, sampler=sampler,
-            tp_size=ctx.tp_size, pad_multiple=pad_multiple)
+            tp_size=ctx.tp_size, pad_multiple=pad_multiple, offload_kv=offload_kv)
         self.measure_memory = measure_memory
         self.pad_multiple = pad_multiple
         self.step = 0
@@ -506,6 +512,7 @@ class ChunkFlowSchedule:
         self.last = out
         loss_sum, num = _sum_reports(out.reports)
         extra: dict[str, Any] = {"kv_state_peak_bytes": out.kv_state_peak_bytes}
+        extra.update({f"kv_{k}": v for k, v in self.executor.store.memory().items()})
         if self.executor.sampler is not None:
             extra["spaco_chunks"] = sum(1 for r in rows if r.dependent)
             extra["spaco_backprop_chunks"] = sum(len(sel.chunks) for sel in out.selection.values())

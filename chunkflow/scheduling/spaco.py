@@ -21,7 +21,7 @@ Compensation, with factor c = k / t (``Selection.loss_factor`` = ``hop_factor`` 
 
 * the loss of a selected chunk is scaled by c (its backward is seeded with c, not 1);
 * each hand-off is scaled by c: when a selected chunk's graph adds the gradient its K/V
-  leaf accumulated from later chunks (``state._AddStoredGrad``), it multiplies it by c.
+  slice accumulated from later chunks (``state._ChunkAttention``), it multiplies it by c.
   Every chunk boundary a chain crosses multiplies once more, so a q-hop chain carries
   c^(q+1) (c for its loss, c^q for its hops: the paper's "(k/t)^p" per chain).
 

@@ -78,4 +78,5 @@ def build_schedule(cfg: Config, model: Any, ctx: ParallelContext) -> Any:
         s = cfg.chunkflow.spaco
         sampler = SpaCOSampler(s.budget, s.sampler, s.max_factor, seed=cfg.train.seed)
     k = 1 if cfg.chunkflow.mode in ("seco", "spaco") else cfg.chunkflow.k
-    return ChunkFlowSchedule(model, ctx, k, sampler=sampler, pad_multiple=pad)
+    return ChunkFlowSchedule(model, ctx, k, sampler=sampler, pad_multiple=pad,
+                             offload_kv=cfg.chunkflow.offload_kv)
