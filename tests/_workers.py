@@ -211,8 +211,9 @@ def memory_profile(rank: int, world: int, chunk_size: int, k: int, multiples: Se
     return rows
 
 
-def forward_only_loss(rank: int, world: int, overrides, samples, ref: dict) -> Optional[float]:
-    """Evaluation through StateAwarePipelineSchedule(forward_only=True), Megatron-style."""
+def forward_only_loss(rank: int, world: int, overrides, samples, ref: dict) -> Optional[list]:
+    """Evaluation through StateAwarePipelineSchedule(forward_only=True), Megatron-style,
+    without and with ``offload_kv``: the two losses on the last stage, else None."""
     from functools import partial
 
     from chunkflow.data.plan import plan_chunkflow_step
@@ -230,13 +231,14 @@ def forward_only_loss(rank: int, world: int, overrides, samples, ref: dict) -> O
         out = model(b.input_ids, b.position_ids, None, labels=b.labels, packed_seq_params=b.packed_seq_params)
         return out, partial(masked_loss, b.loss_mask)
 
-    fb = StateAwarePipelineSchedule(k=1, pp_group=ctx.pp_group)
-    reports = fb(forward_step_func=forward_step, data_iterator=iter([{"row": r} for r in rows]),
-                 model=[ddp], num_microbatches=len(rows), seq_length=cfg.chunkflow.chunk_size,
-                 micro_batch_size=1, forward_only=True)
-    if not ctx.is_last_stage:
-        return None
-    return sum(float(r["lm loss"][0]) for r in reports) / plan.num_loss_tokens
+    losses = []
+    for offload in (False, True):  # the K/V state on the device, then in the host pool
+        fb = StateAwarePipelineSchedule(k=1, pp_group=ctx.pp_group, offload_kv=offload)
+        reports = fb(forward_step_func=forward_step, data_iterator=iter([{"row": r} for r in rows]),
+                     model=[ddp], num_microbatches=len(rows), seq_length=cfg.chunkflow.chunk_size,
+                     micro_batch_size=1, forward_only=True)
+        losses.append(sum(float(r["lm loss"][0]) for r in reports) / plan.num_loss_tokens)
+    return losses if ctx.is_last_stage else None
 
 
 # ------------------------------------------------------------- sequence parallelism

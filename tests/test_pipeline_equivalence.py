@@ -58,4 +58,6 @@ def test_forward_only_evaluation_matches_full_sequence_loss(reference_of):
     from _workers import forward_only_loss
 
     losses = run_distributed(forward_only_loss, 2, (["parallel.pipeline=2"], samples, ref))
-    assert losses[0] is None and abs(losses[1] - ref["loss"]) <= 1e-5 * ref["loss"], (losses, ref["loss"])
+    assert losses[0] is None, losses
+    for loss in losses[1]:  # K/V state on the device, then offloaded
+        assert abs(loss - ref["loss"]) <= 1e-5 * ref["loss"], (losses, ref["loss"])

@@ -534,8 +534,10 @@ def _unwrap(x: Any) -> Any:
 class StateAwarePipelineSchedule:
     """Megatron-compatible forward-backward function running ChunkFlow's schedule."""
 
-    def __init__(self, k: int, *, pp_group: Any = None, sampler: Any = None, pad_multiple: int = 1):
+    def __init__(self, k: int, *, pp_group: Any = None, sampler: Any = None, pad_multiple: int = 1,
+                 offload_kv: bool = False):
         self.k, self.pp_group, self.sampler, self.pad_multiple = k, pp_group, sampler, pad_multiple
+        self.offload_kv = offload_kv  # chunkflow.offload_kv: K/V state in host memory
         self.step = 0
         self.last: Optional[_Outcome] = None
 
@@ -566,7 +568,7 @@ class StateAwarePipelineSchedule:
         executor = ChunkExecutor(
             self.k, config=get_model_config(model), device=next(module.parameters()).device,
             group=group, sampler=self.sampler, tp_size=ps.get_tensor_model_parallel_world_size(),
-            pad_multiple=self.pad_multiple)
+            pad_multiple=self.pad_multiple, offload_kv=self.offload_kv)
 
         def forward_fn(mb: int) -> tuple[torch.Tensor, Callable]:
             return forward_step_func(iter([items[mb]]), model)
