@@ -10,7 +10,7 @@ from chunkflow.data.assignment import CostModel
 from chunkflow.pipeline.plan import build_pipeline_plan
 from chunkflow.pipeline.simulate import chunk_rows, samples_of_lengths
 from chunkflow.train.autotune import (MIB, Candidate, StageMemory, StageTime, candidate_grid, choose, evaluate,
-                                      needs_autotune)
+                                      fit_memory, needs_autotune)
 
 AUTO = ["train.schedule=chunkflow", "chunkflow.chunk_size=auto", "chunkflow.k=auto"]
 
@@ -82,6 +82,33 @@ def test_memory_walk_of_one_long_sample_k1_by_hand():
     assert FIRST.peak(actions, rows, offload_kv=True) == pytest.approx(live + (3 + 1) * 100)
     # as a later stage it also holds the inputs of chunks 0 and 1 until their recompute
     assert MEM.peak(actions, rows) == pytest.approx(live + state + 5.0 * 200)
+    # ... unless offloaded: the stashed inputs live in the host pool with the K/V state
+    assert MEM.peak(actions, rows, offload_kv=True) == pytest.approx(live + (3 + 1) * 100)
+
+
+def test_each_row_kind_is_charged_its_own_activation_slope_fitted_from_the_profile():
+    """A dependent chunk saves a1 bytes a token, a packed standalone row its own slope;
+    a model that charges every row the larger of the two (over-estimating dependent
+    chunks, and with them the long samples that decide the budget) fails here."""
+    c1, a0, dep, packed, kv = 100, 500.0, 10.0, 14.0, 4.0
+
+    def extras(act_tokens, slope, kv_tokens):  # what the profile's K = 1 runs would measure
+        return {"saved_activation_peak_bytes": a0 + slope * act_tokens, "saved_kv_peak_bytes": 0.0,
+                "kv_state_peak_bytes": kv * kv_tokens}
+
+    fit = fit_memory(c1, extras(c1, dep, 3 * c1), extras(2 * c1, dep, 4 * c1), extras(2 * c1, packed, 0),
+                     input_per_token=0.0)
+    assert (fit.act_base, fit.act_per_token, fit.packed_per_token) == pytest.approx((a0, dep, packed))
+    assert fit.kv_state_per_token + fit.kv_grad_per_token == pytest.approx(kv)
+    long_rows = chunk_rows([300], 100)  # 3 dependent chunks, K = 1: chunk 2's graph + 300 stored tokens
+    short_rows = chunk_rows([60, 40], 100)  # one packed row of 100 tokens
+    for rows, slope in ((long_rows, dep), (short_rows, packed)):
+        actions = build_pipeline_plan(rows, 1, 1).actions(0)
+        stored = 300 if rows is long_rows else 0
+        assert fit.peak(actions, rows) == pytest.approx(a0 + slope * 100 + kv * stored), slope
+    max_of_kinds = StageMemory(a0, packed, 0.0, kv, 0.0, 0.0)
+    long_actions = build_pipeline_plan(long_rows, 1, 1).actions(0)
+    assert max_of_kinds.peak(long_actions, long_rows) > fit.peak(long_actions, long_rows)
 
 
 def test_memory_walk_counts_the_input_cache_on_later_stages_and_k_live_graphs():

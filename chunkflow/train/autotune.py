@@ -57,6 +57,7 @@ __all__ = [
     "format_table",
     "resolve_budget",
     "profile_stage",
+    "fit_memory",
     "autotune",
     "MIB",
     "GPU_MARGIN_FRACTION",
@@ -85,14 +86,21 @@ class StageMemory:
     kv_state_per_token: float  # s_kv
     kv_grad_per_token: float  # s_grad
     input_per_token: float  # cached input of a no-graph forward (stages > 0; 0 on the first)
+    # a1 of a packed standalone row (its own K/V saved inside, no prefix); None: act_per_token
+    packed_per_token: Optional[float] = None
 
-    def act(self, n: int) -> float:
-        return self.act_base + self.act_per_token * n
+    def act(self, n: int, *, packed: bool = False) -> float:
+        """Bytes one live graph of an n-token row saves: a dependent chunk's fit, or a
+        packed standalone row's (each row kind is charged its own slope)."""
+        slope = self.packed_per_token if packed and self.packed_per_token is not None else self.act_per_token
+        return self.act_base + slope * n
 
     def peak(self, actions: Sequence[Any], rows: Sequence[PackedRow], *, offload_kv: bool = False) -> float:
         """Predicted peak bytes of a stage running ``actions`` over ``rows``: the peaks of
         live activations, of the K/V prefixes they saved, of the K/V state and of cached
-        inputs, summed (the benchmark sums its measured parts peak by peak too)."""
+        inputs, summed (the benchmark sums its measured parts peak by peak too). With
+        ``offload_kv`` the cached inputs are stashed in the host pool (StateStore.stash)
+        and the device holds about one chunk's K/V per layer."""
         live: dict[int, float] = {}  # mb -> activation bytes held by its graph
         keys: dict[int, tuple] = {}  # mb -> (sample, K/V prefix + own bytes its graph saved)
         stored: dict[Any, int] = {}  # long sample -> tokens in the K/V store
@@ -116,7 +124,7 @@ class StageMemory:
             if isinstance(a, Recompute):
                 cached -= self.input_per_token * n
             if isinstance(a, Recompute) or (isinstance(a, Forward) and a.keep_graph):
-                live[a.mb] = self.act(n)
+                live[a.mb] = self.act(n, packed=not row.dependent)
                 if row.dependent:
                     keys[a.mb] = (sample, self.kv_saved_per_token * (int(row.position_ids[0]) + n))
             elif isinstance(a, Backward):
@@ -131,7 +139,8 @@ class StageMemory:
                 saved[smp] = max(saved.get(smp, 0.0), b)
             peak_keys = max(peak_keys, sum(saved.values()))
             peak_state = max(peak_state, (self.kv_state_per_token + self.kv_grad_per_token) * tokens)
-            peak_cache = max(peak_cache, cached)
+            if not offload_kv:  # offloaded: stashed in the host pool, not on the device
+                peak_cache = max(peak_cache, cached)
         return peak_live + peak_keys + peak_state + peak_cache
 
 
@@ -334,10 +343,28 @@ def profile_stage(cfg: Config, model: Any, ctx: Any, chunk_size: int, *,
     finally:
         model.zero_grad_buffer()
         _set_rng_state(rng, ctx.device)
-    (_, _, e1), (_, _, e2) = measured[0], measured[1]
+    mc = getattr(model, "module", model).config
+    value_bytes = torch.tensor([], dtype=mc.params_dtype).element_size()
+    seq_div = ctx.tp_size if mc.sequence_parallel else 1
+    inp = 0.0 if ctx.is_first_stage else mc.hidden_size * value_bytes / seq_div
+    points["memory"] = [{"chunk_size": c, "chunks": n, **{k: v for k, v in e.items() if k in _MEASURED}}
+                        for c, n, e in measured]
+    return fit_memory(c1, measured[0][2], measured[1][2], measured[3][2], input_per_token=inp), points
+
+
+_MEASURED = ("saved_activation_peak_bytes", "saved_kv_peak_bytes", "kv_state_peak_bytes")
+
+
+def fit_memory(c1: int, e1: dict, e2: dict, standalone: dict, *, input_per_token: float) -> StageMemory:
+    """The stage's memory fit from the profile's measured peaks (pure): ``e1`` one long
+    sample of 3 dependent chunks of C1, ``e2`` of 2 chunks of C2 = 2 C1, ``standalone``
+    one packed standalone row of C2 (plus three TINY rows), all with K = 1."""
+    c2 = 2 * c1
     a0, a1 = _line([c1, c2], [e1["saved_activation_peak_bytes"], e2["saved_activation_peak_bytes"]])
-    # A packed standalone chunk may save more per token than a dependent one: charge the larger.
-    a1 = max(a1, (measured[3][2]["saved_activation_peak_bytes"] - a0) / c2)
+    # A packed standalone row saves its own K/V inside its graph and sees no prefix: its
+    # own slope, through the dependent fit's intercept (the TINY rows that may be alive
+    # beside it are charged to it: a few tokens of over-estimate).
+    packed = max(0.0, (standalone["saved_activation_peak_bytes"] - a0) / c2)
     # K/V store: 3 chunks of C1 hold 3 C1 tokens, gradients for 2 C1; 2 chunks of C2: 4 C1 and 2 C1.
     s1, s2 = e1["kv_state_peak_bytes"], e2["kv_state_peak_bytes"]
     s_kv = max(0.0, (s2 - s1) / c1)
@@ -345,11 +372,7 @@ def profile_stage(cfg: Config, model: Any, ctx: Any, chunk_size: int, *,
     if s_kv == 0.0 and s1 > 0:  # no separable fit: charge everything as stored K/V
         s_kv, s_grad = s1 / (3 * c1), 0.0
     q = max(e1["saved_kv_peak_bytes"] / (3 * c1), e2["saved_kv_peak_bytes"] / (2 * c2))
-    mc = getattr(model, "module", model).config
-    value_bytes = torch.tensor([], dtype=mc.params_dtype).element_size()
-    seq_div = ctx.tp_size if mc.sequence_parallel else 1
-    inp = 0.0 if ctx.is_first_stage else mc.hidden_size * value_bytes / seq_div
-    return StageMemory(a0, a1, q, s_kv, s_grad, inp), points
+    return StageMemory(a0, a1, q, s_kv, s_grad, input_per_token, packed)
 
 
 def _rng_state(device: Any) -> tuple:
@@ -416,6 +439,7 @@ def autotune(cfg: Config, model: Any, ctx: Any, samples: Sequence[Sample], *,
     resolved = dataclasses.replace(cfg, chunkflow=dataclasses.replace(cfg.chunkflow, chunk_size=best.chunk_size,
                                                                       k=best.k))
     report = {"budget_bytes": budget, "profile_chunk_size": c1, "memory": [dataclasses.asdict(m) for m in memory],
-              "time": dataclasses.asdict(time), "chosen": dataclasses.asdict(best),
+              "time": dataclasses.asdict(time),
+              "profile_peaks": {s: p["memory"] for s, _, p in gathered}, "chosen": dataclasses.asdict(best),
               "candidates": [dataclasses.asdict(c) for c in candidates]}
     return resolved, report
