@@ -172,7 +172,8 @@ class _Bench:
         extra = getattr(result, "extra", None) or {}
         cache = 0
         pipeline_plan = side.built_schedule.last.plan if getattr(side.built_schedule, "last", None) is not None else None
-        if side.schedule == "chunkflow" and pipeline_plan is not None:
+        # with chunkflow.offload_kv the cached inputs are stashed in the host pool (StateStore.stash)
+        if side.schedule == "chunkflow" and pipeline_plan is not None and not self.cfg.chunkflow.offload_kv:
             mc = ddp.module.config
             cache = input_cache_peak_bytes(
                 pipeline_plan.actions(ctx.pp_rank), rows, first_stage=ctx.is_first_stage,

@@ -7,7 +7,8 @@ Run once at start, on every rank, before the schedule is built (docs/autotune.md
     profile   the real model stage runs one synthetic long sample, cut into dependent
               chunks, at two chunk sizes C1 and C2 = 2 C1 with K = 1 under the saved-tensor
               meter (a few seconds on CPU). Every rank measures its own stage and fits:
-                act(n)   = a0 + a1 n     bytes saved for backward by one live chunk of n tokens
+                act(n)   = a0 + a1 n     bytes saved for backward by one live chunk of n tokens,
+                                         a1 per row kind (dependent chunk / packed row)
                 q        bytes per key token a live dependent chunk saves (its K/V prefix + own)
                 s_kv     bytes per stored token of the K/V state (this stage's layers)
                 s_grad   bytes per stored token of the K/V gradient accumulators
@@ -25,7 +26,8 @@ Run once at start, on every rank, before the schedule is built (docs/autotune.md
 Predicted memory uses the benchmark's accounting (bench.memory_budget_mb): the peaks of
 saved activations (K/V prefixes included), of the K/V state store and of the cached
 inputs are summed, an upper bound. With ``chunkflow.offload_kv`` the K/V state on the
-device is bounded by about one chunk's K/V per layer (C tokens) instead of the prefix.
+device is bounded by about one chunk's K/V per layer (C tokens) instead of the prefix,
+and the cached inputs are stashed in the host pool (not charged).
 """
 
 from __future__ import annotations
