@@ -10,8 +10,9 @@ Run once at start, on every rank, before the schedule is built (docs/autotune.md
                 act(n)   = a0 + a1 n     bytes saved for backward by one live chunk of n tokens,
                                          a1 per row kind (dependent chunk / packed row)
                 q        bytes per key token a live dependent chunk saves (its K/V prefix + own)
-                s_kv     bytes per stored token of the K/V state (this stage's layers)
-                s_grad   bytes per stored token of the K/V gradient accumulators
+                s_kv     bytes per token of a sample's K/V state buffers, K/V and gradient
+                         accumulators (this stage's layers; allocated whole, num_chunks x C
+                         tokens, at the sample's first chunk); s_grad 0 (not separable)
                 t(row)   = t0 + t1 cost(row)   forward seconds; backward likewise
               (cost: the data layer's CostModel, tokens + attention pairs). The fits are
               gathered so every rank predicts every stage and takes the same decision.
@@ -25,7 +26,7 @@ Run once at start, on every rank, before the schedule is built (docs/autotune.md
 
 Predicted memory uses the benchmark's accounting (bench.memory_budget_mb): the peaks of
 saved activations (K/V prefixes included), of the K/V state store and of the cached
-inputs are summed, an upper bound. With ``chunkflow.offload_kv`` the K/V state on the
+inputs are summed, an upper bound, plus MEMORY_MARGIN. With ``chunkflow.offload_kv`` the K/V state on the
 device is bounded by about one chunk's K/V per layer (C tokens) instead of the prefix,
 and the cached inputs are stashed in the host pool (not charged).
 """
@@ -62,6 +63,7 @@ __all__ = [
     "fit_memory",
     "autotune",
     "MIB",
+    "MEMORY_MARGIN",
     "GPU_MARGIN_FRACTION",
     "GPU_MARGIN_MIN_BYTES",
 ]
@@ -76,6 +78,10 @@ GPU_MARGIN_MIN_BYTES = 2 * 2**30
 PLANNED_BATCHES = 4  # global batches planned per candidate C
 K_CHOICES = (1, 2, 3, 4, 6, 8)
 TINY = 16  # tokens of the chunks that time the per-chunk overhead
+# Predicted memory is the walk's peak times (1 + MEMORY_MARGIN). The walk is exact to the
+# byte on the CPU check (docs/autotune.md) where a dependent sample sets the peak; the
+# margin covers fits extrapolated from one profiled C1 to other chunk sizes and data.
+MEMORY_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,11 @@ class StageMemory:
                 continue
             sample = row.sample_ids[0] if row.dependent else None
             if isinstance(a, Forward):
-                if row.dependent:
-                    stored[sample] = stored.get(sample, 0) + n
+                if row.dependent and sample not in stored:
+                    # the store allocates a sample's K/V (and gradient) buffers whole, for
+                    # num_chunks x C tokens, at its first chunk (executor: capacity)
+                    size = int(row.position_ids[0]) // row.chunk_index if row.chunk_index else n
+                    stored[sample] = row.num_chunks * size
                 if not a.keep_graph and a.mb in recomputed:
                     cached += self.input_per_token * n
             if isinstance(a, Recompute):
@@ -222,7 +231,8 @@ def evaluate(
                         continue
                     pp = build_pipeline_plan(rows, num_stages, k)
                     for s in range(num_stages):
-                        mem = max(mem, memory[s].peak(pp.actions(s), rows, offload_kv=offload_kv))
+                        mem = max(mem, (1 + MEMORY_MARGIN) * memory[s].peak(pp.actions(s), rows,
+                                                                            offload_kv=offload_kv))
                     costs = [estimate_cost(r, cost_model=cost_model) for r in rows]
                     tl = simulate(pp, [time.forward(x) for x in costs], [time.backward(x) for x in costs],
                                   p2p_latency=p2p_s)
@@ -367,12 +377,10 @@ def fit_memory(c1: int, e1: dict, e2: dict, standalone: dict, *, input_per_token
     # own slope, through the dependent fit's intercept (the TINY rows that may be alive
     # beside it are charged to it: a few tokens of over-estimate).
     packed = max(0.0, (standalone["saved_activation_peak_bytes"] - a0) / c2)
-    # K/V store: 3 chunks of C1 hold 3 C1 tokens, gradients for 2 C1; 2 chunks of C2: 4 C1 and 2 C1.
-    s1, s2 = e1["kv_state_peak_bytes"], e2["kv_state_peak_bytes"]
-    s_kv = max(0.0, (s2 - s1) / c1)
-    s_grad = max(0.0, (s1 - 3 * c1 * s_kv) / (2 * c1))
-    if s_kv == 0.0 and s1 > 0:  # no separable fit: charge everything as stored K/V
-        s_kv, s_grad = s1 / (3 * c1), 0.0
+    # K/V store: a sample's K/V and gradient buffers are both sized for all its tokens
+    # (3 C1, then 4 C1), so only their sum per token is seen; it is charged as s_kv.
+    s_kv = max(e1["kv_state_peak_bytes"] / (3 * c1), e2["kv_state_peak_bytes"] / (4 * c1))
+    s_grad = 0.0
     q = max(e1["saved_kv_peak_bytes"] / (3 * c1), e2["saved_kv_peak_bytes"] / (2 * c2))
     return StageMemory(a0, a1, q, s_kv, s_grad, input_per_token, packed)
 
