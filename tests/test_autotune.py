@@ -9,8 +9,8 @@ from chunkflow.config.validate import require_chunking
 from chunkflow.data.assignment import CostModel
 from chunkflow.pipeline.plan import build_pipeline_plan
 from chunkflow.pipeline.simulate import chunk_rows, samples_of_lengths
-from chunkflow.train.autotune import (MEMORY_MARGIN, MIB, Candidate, StageMemory, StageTime, candidate_grid, choose, evaluate,
-                                      fit_memory, needs_autotune)
+from chunkflow.train.autotune import (MEMORY_MARGIN, MIB, Candidate, StageMemory, StageTime, candidate_grid, choose,
+                                      evaluate, fit_memory, needs_autotune)
 
 AUTO = ["train.schedule=chunkflow", "chunkflow.chunk_size=auto", "chunkflow.k=auto"]
 
