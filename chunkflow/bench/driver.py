@@ -275,7 +275,10 @@ class _Bench:
             return (sum(p.plans[i].num_tokens for i in self.selection)
                     / sum(max(r["wall_s"] for r in p.records[i]) for i in self.selection))
 
-        best = max(fitting, key=tokens_per_s)
+        # The selection batches' own peaks count too: a warm-up batch without a long sample
+        # understates the K/V state a point needs.
+        still = [p for p in fitting if p.fits(self.cfg)] or fitting
+        best = max(still, key=tokens_per_s)
         self.log(f"select {best.name} ({tokens_per_s(best):.0f} tokens/s on {len(self.selection)} selection batches)")
         return best
 
