@@ -418,15 +418,23 @@ def export_hf_standalone(ckpt: str | Path, out_dir: str | Path, **kwargs: Any) -
     from chunkflow.parallel.distributed import destroy_distributed, init_distributed
     from chunkflow.parallel.spawn import free_port
 
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {key: os.environ.get(key) for key in keys}
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    cfg = Config()
-    init_distributed(cfg)
     try:
-        return export_hf(ckpt, out_dir, **kwargs)
-    finally:
-        destroy_distributed()
+        init_distributed(Config())
+        try:
+            return export_hf(ckpt, out_dir, **kwargs)
+        finally:
+            destroy_distributed()
+    finally:  # the caller's environment as it was: a later launch must not inherit a rendezvous
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 _CLI_DOC = """Convert between Hugging Face model directories and chunkflow checkpoints.

@@ -51,3 +51,24 @@ def reference_of():
         return cache[key]
 
     return get
+
+
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launch_env_unchanged(request):
+    """A test (or the library code it calls) that leaves torchrun's variables set in this
+    process fails: later launches (torchrun, sbatch) would inherit a stale rendezvous.
+    The variables are restored either way, so one leak does not spread."""
+    before = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    if after != before:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        changed = {k: (before[k], after[k]) for k in _LAUNCH_ENV if before[k] != after[k]}
+        pytest.fail(f"{request.node.nodeid} left launch variables changed: {changed}", pytrace=False)

@@ -393,7 +393,12 @@ def test_convert_cli_names_a_missing_checkpoint_and_exits_2(tmp_path, capsys):
     """chunkflow-convert's bad input is one line and exit code 2, not a traceback."""
     from chunkflow.hf_convert import main
 
+    import os
+
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     assert main(["export", "--ckpt", str(tmp_path / "nope"), "--hf-dir", str(tmp_path / "out")]) == 2
+    # the in-process group's rendezvous does not leak into later launches (e.g. an sbatch)
+    assert {k: os.environ.get(k) for k in env} == env
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0], err
     assert not (tmp_path / "out").exists()  # nothing half-written
