@@ -223,6 +223,7 @@ def _autotune_worker(rank: int, world: int) -> dict:
 
 
 @pytest.mark.megatron
+@pytest.mark.once  # the chooser and its memory walk are ours; the model hook is tested in both passes
 @pytest.mark.slow
 def test_autotune_on_the_real_model_predicts_an_upper_bound_that_fits():
     from chunkflow.parallel.spawn import run_distributed
