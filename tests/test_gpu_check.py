@@ -86,6 +86,15 @@ def top_left(q, k, v, scale, prefix=(), on_prefix=None):
     return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)[0]
 
 attention.causal_attention = state.causal_attention = top_left
+
+# The same mistake in the block path the CPU executor runs (chunkflow.scheduling.state):
+# a prefix block masked causally as if it were the chunk's own diagonal block.
+_block_forward = attention.block_forward
+
+def prefix_masked(q, k, v, scale, causal):
+    return _block_forward(q, k, v, scale, True)
+
+attention.block_forward = state.block_forward = prefix_masked
 from chunkflow.gpu_check.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
