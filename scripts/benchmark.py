@@ -1,13 +1,9 @@
 """Throughput of megatron-core's stock schedule vs ChunkFlow: same model, data, layout, budget.
 
-    python scripts/benchmark.py --config configs/bench_cpu.yaml            # spawns the ranks
-    python scripts/benchmark.py --config configs/bench_cpu.yaml --sweep    # C x K sweep + PNG
-    torchrun --nproc-per-node 8 scripts/benchmark.py --config configs/bench_qwen7b_256k.yaml
+    python scripts/benchmark.py --config configs/bench_longtail_cpu.yaml [--sweep] [key=value ...]
 
-Without torchrun it starts parallel.tensor x parallel.pipeline local processes (--nproc
-to change). Prints a table, writes the JSON report to bench.output (and the sweep PNG
-next to it). Exits 1 if the two sides' losses differ, 2 on a configuration error.
-See docs/benchmarks.md.
+Also installed as ``chunkflow-benchmark``; the logic is ``chunkflow.bench.cli.main``
+(``--help`` gives every option, docs/benchmarks.md the method).
 """
 
 from __future__ import annotations
