@@ -84,6 +84,7 @@ def run_step(cfg, ctx, ddp, samples, schedule: str, *, k: Optional[int] = None,
         "extra": dict(getattr(res, "extra", {}) or {}),
         "is_last": ctx.is_last_stage,
         "actions": getattr(engine, "last_actions", None),
+        "busy_s": float(res.busy_s), "wall_s": float(res.wall_s), "chunks": len(plan.rows_per_rank[ctx.dp_rank]),
     }
 
 
@@ -142,8 +143,12 @@ def reference_then_check(rank: int, world: int, ref_overrides, overrides, sample
     return {"ref": ref, "results": layout_check(rank, world, overrides, samples, ref, runs)}
 
 
-def layout_check(rank: int, world: int, overrides, samples, ref: dict, runs) -> list:
-    """Run several (schedule, k, chunk_size) on one layout against the full reference."""
+def layout_check(rank: int, world: int, overrides, samples, ref: dict, runs, slow_loss_s: float = 0.0) -> list:
+    """Run several (schedule, k, chunk_size) on one layout against the full reference.
+
+    ``slow_loss_s``: the last run again with the last stage's loss made that much slower
+    per chunk; its record carries each rank's busy and wall seconds (idle accounting).
+    """
     cfg, ctx, ddp, offset = setup(overrides, ref["state"])
     results = []
     for schedule, k, c in runs:
@@ -151,6 +156,25 @@ def layout_check(rank: int, world: int, overrides, samples, ref: dict, runs) -> 
         worst = compare_sharded(out["grads"], ref["grads"], ddp, ctx, offset)
         loss = out["loss"] if ctx.is_last_stage else None
         results.append({"run": (schedule, k, c), "grad": worst, "loss": loss})
+    if slow_loss_s > 0:
+        import time
+
+        import chunkflow.pipeline.executor as ex
+
+        original = ex.masked_loss
+
+        def slow(mask, out):
+            time.sleep(slow_loss_s)
+            return original(mask, out)
+
+        ex.masked_loss = slow
+        try:
+            schedule, k, c = runs[-1]
+            out = run_step(cfg, ctx, ddp, samples, schedule, k=k, chunk_size=c)
+        finally:
+            ex.masked_loss = original
+        results.append({"run": "slow loss", "stage": ctx.pp_rank, "busy_s": out["busy_s"],
+                        "wall_s": out["wall_s"], "chunks": out["chunks"], "grad": 0.0, "loss": None})
     return results
 
 

@@ -360,11 +360,19 @@ class ChunkExecutor:
                         early.add(j)
                 if i == last_bw:
                     no_sync.close()  # this backward starts the gradient reduction
-                mb, t0 = act.mb, timer.start()
+                mb = act.mb
+                # Wait for this step's input before its span opens: time spent waiting for
+                # a peer is idle (bubble or communication), not compute.
+                received = None
+                if isinstance(act, Forward) and not self.first:
+                    received = self._received(inbox, ("activation", mb))
+                elif isinstance(act, Backward) and not self.last:
+                    received = self._received(inbox, ("grad", mb))
+                t0 = timer.start()
                 if isinstance(act, (Forward, Recompute)):
                     keep = isinstance(act, Recompute) or act.keep_graph
                     if isinstance(act, Forward):
-                        inp = None if self.first else self._received(inbox, ("activation", mb))
+                        inp = received
                         rng = None
                         if mb in recomputed:  # rebuilt later: keep its input and random state
                             cached[mb] = (store.stash(inp), _rng_state(self.device))
@@ -382,7 +390,7 @@ class ChunkExecutor:
                 else:  # Backward
                     row = rows[mb]
                     inp, out = live.pop(mb)
-                    grad = None if self.last else self._received(inbox, ("grad", mb))
+                    grad = received
                     if self.last:
                         if cfg.grad_scale_func is not None:
                             out = cfg.grad_scale_func(out)
