@@ -32,9 +32,9 @@ SIDE_KEYS = {"tokens_per_s", "tflops_per_s", "peak_mem_bytes", "peak_activation_
 # ---------------------------------------------------------------- pure parts
 def test_config_choices_and_errors():
     cfg = load_config(None, TINY)
-    assert megatron_candidates(cfg) == ["none", "selective", "block:1", "full"]  # 2 layers, PP=1
+    assert megatron_candidates(cfg) == ["full", "block:1", "selective", "none"]  # 2 layers, PP=1
     four = load_config(None, TINY + ["model.num_layers=8", "parallel.pipeline=2"])  # 4 layers per stage
-    assert megatron_candidates(four) == ["none", "selective", "block:1", "block:2", "block:3", "full"]
+    assert megatron_candidates(four) == ["full", "block:3", "block:2", "block:1", "selective", "none"]
     assert recompute_setting("block:3") == ("block", 3) and recompute_setting("full") == ("full", 1)
     forced = load_config(None, TINY + ["bench.megatron_recompute=block", "train.recompute_num_layers=2"])
     assert megatron_candidates(forced) == ["block:2"]
@@ -113,6 +113,42 @@ def test_out_of_memory_is_caught_and_reported():
     assert value is None and "Tried to allocate" in message
     with pytest.raises(ValueError):  # other errors are not swallowed
         guarded(lambda: int("x"), torch.device("cpu"))
+
+
+def test_safe_probes_order_and_predictions():
+    """Where an out-of-memory probe could strand other ranks, a candidate is not run if it
+    keeps all that an over-budget one keeps, or its predicted device peak is too high."""
+    import torch
+
+    from chunkflow.bench.probe import chunkflow_keeps_all_of, keeps_all_of, predicted_mem_peak, probes_unrecoverable
+
+    order = megatron_candidates(load_config(None, TINY + ["model.num_layers=8", "parallel.pipeline=2"]))
+    for i, a in enumerate(order):  # each candidate is probed after every one it keeps all of
+        assert not any(keeps_all_of(order[j], a, 4) and order[j] != a for j in range(i))
+    assert keeps_all_of("none", "block:1", 4) and keeps_all_of("block:1", "block:3", 4)
+    assert keeps_all_of("block:3", "full", 4) and keeps_all_of("selective", "full", 4)
+    assert keeps_all_of("none", "selective", 4) and not keeps_all_of("full", "block:3", 4)
+    assert not keeps_all_of("block:1", "selective", 4) and not keeps_all_of("selective", "block:3", 4)
+    assert chunkflow_keeps_all_of((512, 2), (256, 2)) and not chunkflow_keeps_all_of((512, 1), (256, 2))
+    # device peak bound: the highest measured point below, plus per layer more the
+    # in-flight micro-batches times full's activation peak (4 layers per stage)
+    measured = {"full": (100, 1000), "block:3": (300, 1400)}
+    assert predicted_mem_peak("block:1", measured, 4, in_flight=2) == 1400 + 2 * 100 * 2
+    assert predicted_mem_peak("none", measured, 4, in_flight=2) == predicted_mem_peak("selective", measured, 4, 2) == 1400 + 3 * 200
+    assert predicted_mem_peak("full", measured, 4, in_flight=2) == 1000
+    assert predicted_mem_peak("block:3", {"full": (100, 1000)}, 4, in_flight=2) == 1000 + 100 * 2
+    assert predicted_mem_peak("block:3", {}, 4, in_flight=2) is None
+    # the bound holds on both measured long-tail benchmarks (2 layers per stage, PP=2),
+    # where the growth is not linear in the layers kept
+    for name in ("bench_longtail_cpu_run2.json", "bench_longtail_cpu_quiet.json"):
+        lt = json.loads((ROOT / "docs" / "results" / name).read_text())
+        peaks = {c["recompute"]: (c["peak_activation_bytes"], c["peak_mem_bytes"]) for c in lt["megatron_candidates"]}
+        for target, known in (("block:1", ["full"]), ("none", ["full"]), ("none", ["full", "block:1"]),
+                              ("selective", ["full", "block:1"])):
+            bound = predicted_mem_peak(target, {k: peaks[k] for k in known}, 2, in_flight=2)
+            assert bound >= peaks[target][1], (name, target, known)
+    assert probes_unrecoverable(torch.device("cuda"), 2)
+    assert not probes_unrecoverable(torch.device("cuda"), 1) and not probes_unrecoverable(torch.device("cpu"), 8)
 
 
 def test_check_losses_flags_differences():
@@ -225,15 +261,15 @@ def test_budget_decides_recompute_and_fit():
     report = run_distributed(_bench, 1, (TINY + ["parallel.pipeline=1", "bench.memory_budget_mb=0.001"],
                                           False, "selective"), timeout_s=600)[0]
     tried = report["megatron_candidates"]
-    assert [c["recompute"] for c in tried] == ["none", "selective", "block:1", "full"]
+    assert [c["recompute"] for c in tried] == ["full", "block:1", "selective", "none"]
     assert not any(c["fits_budget"] for c in tried)
     # the injected out-of-memory probe is reported as not fitting, and the run went on
-    assert tried[1]["out_of_memory"] and tried[1]["peak_activation_bytes"] is None
-    assert not any(c["out_of_memory"] for c in tried if c["recompute"] != "selective")
+    assert tried[2]["out_of_memory"] and tried[2]["peak_activation_bytes"] is None
+    assert not any(c["out_of_memory"] or c["skipped"] for c in tried if c["recompute"] != "selective")
     assert report["megatron"]["recompute"] == "full" and not report["both_fit_budget"]
     assert report["megatron"]["recompute_overhead"] > 0.2  # one extra forward of every layer
     # block:1 (first of 2 layers) keeps less than none and more than full
-    none, block, full = (tried[j]["peak_activation_bytes"] for j in (0, 2, 3))
+    full, block, none = (tried[j]["peak_activation_bytes"] for j in (0, 1, 3))
     assert full < block < none
     # every candidate that ran computed the same loss as the chosen one
     assert report["loss_check"]["ok"] and len(report["loss_check"]["sides"]) == 3
@@ -252,3 +288,28 @@ def test_loss_check_fails_when_math_differs():
     assert not lc["ok"]
     assert lc["max_rel_loss_diff"] == pytest.approx(1e-3, rel=1e-3)
     _check_side(report["chunkflow"], timed=2)
+
+
+@pytest.mark.megatron
+@pytest.mark.once
+@pytest.mark.slow
+def test_safe_probes_never_run_what_cannot_fit_pp2():
+    """PP=2 with safe probing (on by default where a device OOM would strand a peer): the
+    over-budget full recompute rules out selective and none, the over-budget smallest
+    (C, K) rules out the larger ones; nothing else runs, and the run completes."""
+    report = run_distributed(_bench, 2, (TINY + [
+        "parallel.pipeline=2", "bench.safe_probes=true", "bench.memory_budget_mb=0.001", "bench.timed_steps=1",
+        "bench.sweep=true", "bench.sweep_chunk_sizes=64,128", "bench.sweep_k=1,2", "bench.selection_steps=1"],),
+        timeout_s=600)[0]
+    tried = {c["recompute"]: c for c in report["megatron_candidates"]}
+    assert list(tried) == ["full", "selective", "none"]
+    assert tried["full"]["peak_activation_bytes"] > 0 and not tried["full"]["skipped"]
+    for name in ("selective", "none"):
+        assert "keeps all that megatron recompute=full keeps, which is over budget" in tried[name]["skipped"]
+        assert tried[name]["peak_activation_bytes"] is None and not tried[name]["fits_budget"]
+    points = {(p["chunk_size"], p["k"]): p for p in report["sweep"]}
+    assert not points[(64, 1)]["skipped"] and points[(64, 1)].get("chosen")
+    for ck in ((64, 2), (128, 1), (128, 2)):
+        assert "chunkflow C=64 K=1" in points[ck]["skipped"] and points[ck]["peak_activation_bytes"] is None
+    assert report["megatron"]["recompute"] == "full" and report["loss_check"]["ok"]
+    assert len(report["loss_check"]["sides"]) == 1  # only the two sides that ran are compared

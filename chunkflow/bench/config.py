@@ -1,7 +1,7 @@
 """The ``bench`` config section: what each side runs, checked before any process group.
 
-    megatron_candidates(cfg)   recompute settings Megatron tries, least recompute first:
-                               none, selective, block:1 .. block:L-1, full (= block:L)
+    megatron_candidates(cfg)   recompute settings Megatron tries, in order of growing memory:
+                               full (= block:L), block:L-1 .. block:1, selective, none
     recompute_setting(name)    "block:2" -> ("block", 2): train.recompute, recompute_num_layers
     chunkflow_points(cfg)      (C, K) pairs ChunkFlow runs: the configured one, or the sweep
 """
@@ -44,8 +44,9 @@ def validate_bench(cfg: Config) -> None:
 
 
 def megatron_candidates(cfg: Config) -> list[str]:
-    """``auto``: every setting, least recompute first (the benchmark probes them all and runs
-    the one with the fewest recompute FLOPs that fits); else the forced one.
+    """``auto``: every setting, in order of growing memory (the benchmark probes them and
+    runs the one with the fewest recompute FLOPs that fits; chunkflow/bench/probe.py says
+    why this order); else the forced one.
 
     ``block:n`` recomputes the first n of the L layers of each pipeline stage; block:L is
     ``full`` (every layer, one checkpoint each) and is listed once, as ``full``.
@@ -56,7 +57,7 @@ def megatron_candidates(cfg: Config) -> list[str]:
         return [f"block:{cfg.train.recompute_num_layers}"]
     if r != "auto":
         return [r]
-    return ["none", "selective"] + [f"block:{n}" for n in range(1, per_stage)] + ["full"]
+    return ["full"] + [f"block:{n}" for n in range(per_stage - 1, 0, -1)] + ["selective", "none"]
 
 
 def recompute_setting(name: str) -> tuple[str, int]:

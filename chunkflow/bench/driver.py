@@ -8,11 +8,13 @@ state, several *sides* (a schedule with its settings)::
               global batches of the configured data
     plans   : Megatron packs each batch into rows of data.max_seq_len (THD);
               ChunkFlow cuts the same batch into chunks of C (one plan per C)
-    probe   : every Megatron candidate (none, selective, block:1..L-1, full) runs the
+    probe   : every Megatron candidate (full, block:L-1..1, selective, none) runs the
               warm-up batches; of those whose activation peak fits bench.memory_budget_mb
               the one with the fewest recompute FLOPs is kept. Every ChunkFlow point
               (C, K) runs the warm-up batches too. A probe that runs out of device memory
-              (torch.OutOfMemoryError) is reported as "does not fit" and the run goes on.
+              (torch.OutOfMemoryError) is reported as "does not fit" and the run goes on;
+              where that could strand other ranks, probes that cannot fit are not run
+              (bench.safe_probes, chunkflow/bench/probe.py).
     select  : sweep mode only: the fitting (C, K) points are timed round robin on the
               selection batches and the fastest is kept; the timed batches score it
     time    : for each timed batch, both sides in turn (round robin, the order reversed
@@ -40,6 +42,8 @@ import torch.distributed as dist
 
 from chunkflow.bench.config import MIB, batch_roles, chunkflow_points, megatron_candidates, recompute_setting, validate_bench
 from chunkflow.bench.measure import input_cache_peak_bytes, megatron_recompute_flops
+from chunkflow.bench.probe import (chunkflow_keeps_all_of, device_capacity_bytes, keeps_all_of, predicted_mem_peak,
+                                   probes_unrecoverable)
 from chunkflow.config.schema import Config
 from chunkflow.data.plan import StepPlan, plan_chunkflow_step, plan_megatron_step
 from chunkflow.parallel import comm
@@ -65,6 +69,7 @@ class Side:
     records: dict[int, list[dict]] = field(default_factory=dict)
     timed: bool = False
     oom: bool = False  # a probe ran out of device memory on some rank: does not fit
+    skipped: Optional[str] = None  # safe probing: why this side was not run (it cannot fit)
 
     @property
     def name(self) -> str:
@@ -79,7 +84,7 @@ class Side:
         return max((r["mem_peak_bytes"] for rs in self.records.values() for r in rs), default=0)
 
     def fits(self, cfg: Config) -> bool:
-        if self.oom:
+        if self.oom or self.skipped:
             return False
         b = cfg.bench
         act_ok = b.memory_budget_mb <= 0 or self.activation_peak() <= b.memory_budget_mb * MIB
@@ -103,6 +108,11 @@ class _Bench:
         self.memory = PeakMemory(ctx.device)
         self.models: dict[str, Any] = {}
         self.init_state: Optional[dict] = None
+        safe = cfg.bench.safe_probes
+        self.safe = probes_unrecoverable(ctx.device, ctx.world_size) if safe == "auto" else safe == "true"
+        capacity = device_capacity_bytes(ctx.device) if self.safe else None
+        capacities = [c for c in comm.all_gather_object(capacity) if c is not None]
+        self.capacity = min(capacities) if capacities else None  # the same on every rank
 
     # ------------------------------------------------------------------ plans, models
     def megatron_plans(self) -> list[StepPlan]:
@@ -216,7 +226,12 @@ class _Bench:
             side.records[i] = [g[i] for g in gathered]
 
     # ------------------------------------------------------------------ phases
-    def probe(self, side: Side) -> None:
+    def probe(self, side: Side, tried: list[Side]) -> None:
+        if self.safe:
+            side.skipped = self.cannot_fit(side, tried)
+            if side.skipped:
+                self.log(f"probe  {side.name:<32} not run: {side.skipped}")
+                return
         self.attach_schedule(side)
         self.run_steps(side, self.warmup)
         if not side.oom:
@@ -231,10 +246,10 @@ class _Bench:
         tried = []
         for recompute in megatron_candidates(self.cfg):
             side = Side("megatron", recompute, plans)
-            self.probe(side)
+            self.probe(side, tried)
             tried.append(side)
         fitting = [s for s in tried if s.fits(self.cfg)]
-        ran = [s for s in tried if not s.oom]
+        ran = [s for s in tried if not s.oom and not s.skipped]
         if not ran:
             raise RuntimeError("every Megatron recompute candidate ran out of device memory")
         if fitting:
@@ -256,14 +271,37 @@ class _Bench:
         for c, k in chunkflow_points(self.cfg):
             plans = plans_by_c.setdefault(c, self.chunkflow_plans(c))
             side = Side("chunkflow", "none", plans, chunk_size=c, k=k)
-            self.probe(side)
+            self.probe(side, sides)
             sides.append(side)
         return sides
+
+    def cannot_fit(self, side: Side, tried: list[Side]) -> Optional[str]:
+        """Safe probing: why ``side`` cannot fit, judged from the sides probed before it
+        (gathered numbers, so every rank answers the same); None = run it."""
+        per_stage = self.cfg.model.num_layers // self.cfg.parallel.pipeline
+        for other in tried:
+            if other.skipped or other.schedule != side.schedule or other.fits(self.cfg):
+                continue
+            if side.schedule == "megatron":
+                dominated = keeps_all_of(side.recompute, other.recompute, per_stage)
+            else:
+                dominated = chunkflow_keeps_all_of((side.chunk_size, side.k), (other.chunk_size, other.k))
+            if dominated:
+                return (f"keeps all that {other.name} keeps, which "
+                        + ("ran out of device memory" if other.oom else "is over budget"))
+        if side.schedule == "megatron" and self.capacity is not None:
+            measured = {s.recompute: (s.activation_peak(), s.mem_peak()) for s in tried
+                        if s.schedule == "megatron" and not s.oom and not s.skipped}
+            predicted = predicted_mem_peak(side.recompute, measured, per_stage, in_flight=self.ctx.pp_size)
+            if predicted is not None and predicted > self.capacity:
+                return (f"predicted device peak {predicted / MIB:.0f} MiB exceeds the "
+                        f"{self.capacity / MIB:.0f} MiB a rank has")
+        return None
 
     def select_chunkflow(self, points: list[Side]) -> Side:
         """The (C, K) to score. Sweep: the fitting point with the most tokens/s on the
         selection batches (never on the timed ones); else the one configured point."""
-        usable = [p for p in points if not p.oom]
+        usable = [p for p in points if not p.oom and not p.skipped]
         if not usable:
             raise RuntimeError("every ChunkFlow point ran out of device memory")
         fitting = [p for p in usable if p.fits(self.cfg)] or usable

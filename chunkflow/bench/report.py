@@ -55,8 +55,8 @@ def summarise(side: Any, cfg: Config, timed: Sequence[int]) -> dict:
     m = cfg.model
     out: dict[str, Any] = {"name": side.name, "schedule": side.schedule, "recompute": side.recompute,
                            "chunk_size": side.chunk_size, "k": side.k, "fits_budget": side.fits(cfg),
-                           "timed": side.timed, "out_of_memory": side.oom}
-    if side.oom:  # a probe ran out of device memory: nothing was measured
+                           "timed": side.timed, "out_of_memory": side.oom, "skipped": side.skipped}
+    if side.oom or side.skipped:  # out of device memory, or not run (safe probing): nothing measured
         out.update(peak_activation_bytes=None, peak_mem_bytes=None, losses=[], grad_norms=[], steps=[])
         return out
     all_steps = sorted(side.records)
@@ -159,12 +159,12 @@ def build_report(cfg: Config, ctx: Any, *, megatron: Any, tried: Sequence[Any], 
         "peak_mem_budget_mb": cfg.bench.peak_mem_budget_mb,
         "megatron": mg,
         "chunkflow": cf,
-        "megatron_candidates": [{k: c.get(k) for k in ("name", "recompute", "fits_budget", "out_of_memory",
+        "megatron_candidates": [{k: c.get(k) for k in ("name", "recompute", "fits_budget", "out_of_memory", "skipped",
                                                        "peak_activation_bytes", "peak_activation_breakdown",
                                                        "peak_mem_bytes", "timed")} for c in candidates],
         "sweep": sweep,
-        "loss_check": check_losses(mg, [c for c in candidates if c is not mg and not c["out_of_memory"]]
-                                   + ([s for s in sweep if not s["out_of_memory"]] or [cf]),
+        "loss_check": check_losses(mg, [c for c in candidates if c is not mg and c["losses"]]
+                                   + ([s for s in sweep if s["losses"]] or [cf]),
                                    TOLERANCE[cfg.model.dtype]),
         "workload": _workload(cfg, megatron, chosen, timed, data_desc),
         "steps": {"warmup": len(warmup), "selection": len(selection), "timed": len(timed)},
@@ -249,7 +249,7 @@ def format_table(report: dict) -> str:
     for c in report["megatron_candidates"]:
         if c["timed"]:
             continue
-        what = ("out of device memory" if c["out_of_memory"]
+        what = ("out of device memory" if c["out_of_memory"] else f"not run: {c['skipped']}" if c.get("skipped")
                 else f"activations {c['peak_activation_bytes'] / MIB:.1f} MiB")
         lines.append(f"{c['name']:<30} {'yes' if c['fits_budget'] else 'NO':>4}  (probe only: {what})")
     lines += ["", f"{'time per step (s)':<30} " + " ".join(f"{p:>13}" for p in PARTS + ("wall",))]

@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "chunkflow.spaco.sampler": SPACO_SAMPLERS,
     "lora.targets": LORA_TARGETS,
     "bench.megatron_recompute": ("auto",) + RECOMPUTE,
+    "bench.safe_probes": ("auto", "true", "false"),
     "train.nonfinite": NONFINITE,
     "train.preempt_signals": SIGNALS,
 }
