@@ -182,6 +182,20 @@ def test_recompute_flops_and_input_cache():
     assert 0 < megatron_recompute_flops(m, mplan, "selective") < full
     assert megatron_recompute_flops(m, mplan, "block:1", layers_per_stage=2) == pytest.approx(full / 2)
     assert megatron_recompute_flops(m, mplan, "block:2", layers_per_stage=2) == pytest.approx(full)
+    # forward FLOPs per stage: the layers split evenly, the output layer on the last stage
+    from chunkflow.bench.breakdown import stage_flops
+    from chunkflow.data.flops import matmul_params
+
+    cfg2 = load_config(None, TINY + ["parallel.pipeline=2"])
+    rows2 = cplan.rows_per_rank[0]
+    per_stage = stage_flops(cfg2, rows2)
+    head = 2.0 * m.hidden_size * m.vocab_size
+    for j, row in enumerate(rows2):
+        pairs = sum(causal_pairs(e - a, int(row.position_ids[a]))
+                    for a, e in zip(row.cu_seqlens[:-1].tolist(), row.cu_seqlens[1:].tolist()))
+        assert per_stage[0][j] + per_stage[1][j] == pytest.approx(forward_flops(m, num_tokens=len(row), num_pairs=pairs))
+        assert per_stage[1][j] - per_stage[0][j] == pytest.approx(head * len(row))
+    assert matmul_params(m) - matmul_params(m, output_layer=False) == m.hidden_size * m.vocab_size
     # stage 1 of 2 caches the inputs of the 3 no-graph chunks until their recompute
     rows = cplan.rows_per_rank[0]
     actions = build_pipeline_plan(rows, 2, 1).actions(1)

@@ -114,6 +114,23 @@ def test_latency_only_adds_time():
     check_dependencies(plan, slow)
 
 
+def test_per_stage_costs_pace_the_pipeline_at_its_slowest_stage():
+    """The last stage 2x slower (output layer, loss): after the first stage's first
+    forward, the last stage works without a break, and the first stage's last backward
+    ends the step: makespan = 3 f0 + 3 m f1."""
+    m, plan = 4, plain_1f1b_plan(4, 2)
+    t = simulate(plan, [[1.0] * m, [2.0] * m])
+    assert t.makespan == pytest.approx(3 * 1 + 3 * m * 2)
+    assert t.busy(1) == pytest.approx(3 * m * 2) and t.busy(0) == pytest.approx(3 * m)
+    check_dependencies(plan, t)
+    flat = simulate(plan, [1.0] * m, [3.0] * m)  # a flat list is every stage's
+    assert flat.to_json() == simulate(plan, [[1.0] * m] * 2, [[3.0] * m] * 2).to_json()
+    with pytest.raises(ValueError, match="one per stage"):
+        simulate(plan, [[1.0] * m] * 3)
+    with pytest.raises(ValueError, match="forward_cost needs 4"):
+        simulate(plan, [[1.0] * m, [1.0] * 3])
+
+
 def test_deadlocked_table_raises():
     # both stages send first, each send its own blocking group: a cyclic wait
     plan = PipelinePlan(2, 1, [ChunkRef()], [

@@ -9,10 +9,9 @@ Measured breakdown, per timed step, mean over the ranks of one pipeline (seconds
                  its time recomputing
     bubble       S - busy, kept within [0, run wall - busy]: S is the makespan that
                  pipeline/simulate.py gives the step's action table when each micro-batch
-                 costs what it measured and p2p is free, so S - busy is the idle time the
-                 schedule itself imposes. An estimate: the simulator gives every stage the
-                 same cost per micro-batch, so the stages' measured costs are averaged
-                 (the last stage also runs the output layer and the loss)
+                 costs, on each stage, what it measured there and p2p is free, so S - busy
+                 is the idle time the schedule itself imposes (stage imbalance included:
+                 the last stage also runs the output layer and the loss)
     communication  the rest of the idle time, run wall - busy - bubble: p2p transfers
                  and waits beyond the ideal schedule, and host work between spans
                  (Python bookkeeping, batch tensors built inside the schedule)
@@ -22,9 +21,10 @@ Measured breakdown, per timed step, mean over the ranks of one pipeline (seconds
 
 The five parts add up to the mean step wall time over the ranks.
 
-Predicted speedup: the same simulator with FLOP-based costs (data.assignment.CostModel
-of the model; backward = 2x forward, plus Megatron's recompute share; ChunkFlow's
-recompute = a forward), megatron makespan / chunkflow makespan per step, median.
+Predicted speedup: the same simulator with FLOP costs per stage (the decoder layers
+split evenly over the stages, the output layer on the last; backward = 2x forward,
+plus Megatron's recompute of its layers; ChunkFlow's recompute = a forward), megatron
+makespan / chunkflow makespan per step, median.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from typing import Any, Sequence
 from chunkflow.bench.measure import megatron_recompute_flops
 from chunkflow.config.schema import Config
 from chunkflow.data.assignment import CostModel
-from chunkflow.data.flops import forward_flops, step_pairs
+from chunkflow.data.flops import forward_flops, matmul_params, step_pairs
 from chunkflow.pipeline.plan import build_pipeline_plan, plain_1f1b_plan
-from chunkflow.pipeline.simulate import row_costs, simulate, simulate_chunkflow
+from chunkflow.pipeline.simulate import row_costs, simulate
 
-__all__ = ["time_breakdown", "predicted_speedup", "PARTS"]
+__all__ = ["time_breakdown", "predicted_speedup", "stage_flops", "PARTS"]
 
 PARTS = ("compute", "recompute", "bubble", "communication", "overhead")
 
@@ -65,15 +65,16 @@ def time_breakdown(cfg: Config, side: Any, steps: Sequence[int]) -> dict:
     """Mean seconds per step of each of :data:`PARTS`, and ``wall`` (module docstring)."""
     totals = {k: 0.0 for k in PARTS + ("wall",)}
     for i in steps:
-        recs = [r for r in side.records[i] if r["dp_rank"] == 0 and r["tp_rank"] == 0]
+        recs = sorted((r for r in side.records[i] if r["dp_rank"] == 0 and r["tp_rank"] == 0),
+                      key=lambda r: r["pp_rank"])  # one record per stage, in stage order
         n = recs[0]["micro_batches"]
         if n == 0:
             continue
-        cost = {k: [0.0] * n for k in ("forward", "backward", "recompute")}
-        for r in recs:
+        cost = {k: [[0.0] * n for _ in recs] for k in ("forward", "backward", "recompute")}
+        for stage, r in enumerate(recs):
             for kind, mb, seconds in r["spans"]:
                 if kind in cost and 0 <= mb < n:
-                    cost[kind][mb] += seconds / len(recs)
+                    cost[kind][stage][mb] += seconds
         rho = _recompute_ratio(cfg, side, i)
         ideal = simulate(_plan(cfg, side, i, n), cost["forward"], backward_cost=cost["backward"],
                          recompute_cost=cost["recompute"]).makespan
@@ -90,16 +91,31 @@ def time_breakdown(cfg: Config, side: Any, steps: Sequence[int]) -> dict:
     return totals
 
 
+def stage_flops(cfg: Config, rows: Sequence[Any]) -> list[list[float]]:
+    """Forward FLOPs of each row on each pipeline stage: the decoder layers' share
+    (1 / PP each) plus, on the last stage, the output layer."""
+    m, pp = cfg.model, cfg.parallel.pipeline
+    cm = CostModel.from_model_config(m)  # a row's cost in tokens through every matmul
+    per_token = 2.0 * matmul_params(m)
+    head = 2.0 * (matmul_params(m) - matmul_params(m, output_layer=False))  # per token
+    total = [c * per_token for c in row_costs(rows, cm)]
+    decoder = [t - head * len(r) for t, r in zip(total, rows)]
+    return [[d / pp + (head * len(r) if s == pp - 1 else 0.0) for d, r in zip(decoder, rows)] for s in range(pp)]
+
+
 def predicted_speedup(cfg: Config, megatron: Any, chunkflow: Any, steps: Sequence[int]) -> dict:
     """The simulator's FLOP-cost prediction of megatron / chunkflow step time (median)."""
-    cm = CostModel.from_model_config(cfg.model)
     pp, ratios = cfg.parallel.pipeline, []
     for i in steps:
         rows = [r for r in megatron.plans[i].rows_per_rank[0] if len(r)]
-        fwd = row_costs(rows, cm)
-        rho = _recompute_ratio(cfg, megatron, i)
-        m_span = simulate(plain_1f1b_plan(len(rows), pp), fwd, backward_cost=[(2.0 + rho) * f for f in fwd]).makespan
-        _, tl = simulate_chunkflow(chunkflow.plans[i].rows_per_rank[0], num_stages=pp, k=chunkflow.k, cost_model=cm)
-        ratios.append(m_span / tl.makespan)
+        fwd = stage_flops(cfg, rows)
+        rho = _recompute_ratio(cfg, megatron, i)  # recompute FLOPs / forward FLOPs, all stages
+        recompute = [rho * sum(st[j] for st in fwd) / pp for j in range(len(rows))]  # each stage its layers
+        bwd = [[2.0 * f + r for f, r in zip(st, recompute)] for st in fwd]
+        m_span = simulate(plain_1f1b_plan(len(rows), pp), fwd, backward_cost=bwd).makespan
+        crows = chunkflow.plans[i].rows_per_rank[0]
+        c_span = simulate(build_pipeline_plan(crows, pp, chunkflow.k), stage_flops(cfg, crows)).makespan
+        ratios.append(m_span / c_span)
     return {"median": statistics.median(ratios), "per_step": ratios,
-            "model": "pipeline/simulate.py, FLOP costs (CostModel.from_model_config), free p2p"}
+            "model": "pipeline/simulate.py, FLOP costs per stage (decoder layers split evenly, output layer "
+                     "on the last stage), free p2p"}

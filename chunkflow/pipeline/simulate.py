@@ -6,8 +6,9 @@ costs ``forward_cost[mb]``, ``Recompute`` ``recompute_cost[mb]``, ``Backward``
 ``backward_cost[mb]``, ``Free`` nothing). A ``Comm`` group is posted when the stage
 reaches it and finishes when every op in it has finished; an op finishes ``p2p_latency``
 after both sides have posted it (rendezvous, the default) or, with ``rendezvous=False``,
-a send finishes at once and a receive ``p2p_latency`` after the send was posted. Costs are
-the same on every stage (stages hold equal layer counts).
+a send finishes at once and a receive ``p2p_latency`` after the send was posted. A cost
+list holds one cost per micro-batch, the same on every stage, or one such list per stage
+(the last stage also runs the output layer and the loss; measured costs differ per stage).
 
 Bubble fraction (the paper's "bubble ratio")::
 
@@ -118,30 +119,39 @@ class Timeline:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def _per_mb(values: Optional[Sequence[float]], default: Sequence[float], n: int, name: str) -> list[float]:
-    out = list(default if values is None else values)
-    if len(out) != n or any(v < 0 for v in out):
-        raise ValueError(f"{name} needs {n} non-negative costs, got {len(out)}")
-    return [float(v) for v in out]
+Costs = Union[Sequence[float], Sequence[Sequence[float]]]
+
+
+def _per_stage(values: Optional[Costs], default: list[list[float]], n: int, p: int, name: str) -> list[list[float]]:
+    """``values`` as one list of ``n`` costs per stage: a flat list is every stage's."""
+    if values is None:
+        return default
+    values = list(values)
+    nested = len(values) > 0 and isinstance(values[0], (list, tuple, np.ndarray))
+    rows = [list(v) for v in values] if nested else [values] * p
+    if len(rows) != p or any(len(r) != n or any(v < 0 for v in r) for r in rows):
+        shape = f"{len(rows)} stages x {sorted({len(r) for r in rows})}" if nested else f"{len(values)}"
+        raise ValueError(f"{name} needs {n} non-negative costs (or {p} lists of them, one per stage), got {shape}")
+    return [[float(v) for v in r] for r in rows]
 
 
 def simulate(
     plan: PipelinePlan,
-    forward_cost: Sequence[float],
-    backward_cost: Optional[Sequence[float]] = None,
-    recompute_cost: Optional[Sequence[float]] = None,
+    forward_cost: Costs,
+    backward_cost: Optional[Costs] = None,
+    recompute_cost: Optional[Costs] = None,
     *,
     p2p_latency: float = 0.0,
     rendezvous: bool = True,
 ) -> Timeline:
     """Per-stage timelines of ``plan`` (backward defaults to 2x forward, recompute to
-    forward). Raises ``RuntimeError`` if the table deadlocks."""
-    n = plan.num_microbatches
-    fwd = _per_mb(forward_cost, (), n, "forward_cost")
-    bwd = _per_mb(backward_cost, [2 * c for c in fwd], n, "backward_cost")
-    rec = _per_mb(recompute_cost, fwd, n, "recompute_cost")
+    forward; costs per micro-batch, or per stage and micro-batch). Raises
+    ``RuntimeError`` if the table deadlocks."""
+    n, p = plan.num_microbatches, plan.num_stages
+    fwd = _per_stage(forward_cost, [], n, p, "forward_cost")
+    bwd = _per_stage(backward_cost, [[2 * c for c in st] for st in fwd], n, p, "backward_cost")
+    rec = _per_stage(recompute_cost, fwd, n, p, "recompute_cost")
     pairs = match_ops(plan)
-    p = plan.num_stages
     pc, clock = [0] * p, [0.0] * p
     posted: dict[tuple[int, int], float] = {}  # (stage, step) -> time the Comm was posted
     out: list[list[Interval]] = [[] for _ in range(p)]
@@ -170,11 +180,11 @@ def simulate(
                     break
                 cost, kind = 0.0, None
                 if isinstance(act, Forward):
-                    cost, kind = fwd[act.mb], "forward"
+                    cost, kind = fwd[s][act.mb], "forward"
                 elif isinstance(act, Recompute):
-                    cost, kind = rec[act.mb], "recompute"
+                    cost, kind = rec[s][act.mb], "recompute"
                 elif isinstance(act, Backward):
-                    cost, kind = bwd[act.mb], "backward"
+                    cost, kind = bwd[s][act.mb], "backward"
                 if kind is not None:
                     out[s].append(Interval(kind, act.mb, clock[s], clock[s] + cost))
                     clock[s] += cost
