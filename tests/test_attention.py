@@ -41,6 +41,24 @@ def _rand(*shape, dtype, gen):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
 
 
+def test_gpu_kernels_read_the_kv_buffer_without_copying_it():
+    """On CUDA without offload a dependent chunk's attention is one kernel call over the
+    view K[0:start + C] of its sample's buffer: that view reaches the kernel as it is
+    (same storage), not split into prefix and own part and concatenated again per chunk
+    and layer. Only separate prefix blocks are joined, and only they are reported."""
+    from chunkflow.model.attention import one_key_sequence
+
+    buffer_k, buffer_v = torch.randn(4 * C, 2, DIM), torch.randn(4 * C, 2, DIM)  # (tokens, groups, d)
+    k_view, v_view = buffer_k[: 3 * C].transpose(0, 1), buffer_v[: 3 * C].transpose(0, 1)
+    seen = []
+    k, v = one_key_sequence(k_view, v_view, (), on_prefix=lambda *t: seen.append(t))
+    assert k.data_ptr() == buffer_k.data_ptr() and v.data_ptr() == buffer_v.data_ptr()
+    assert k.shape == (2, 3 * C, DIM) and not seen
+    blocks = [(buffer_k[:C].transpose(0, 1), buffer_v[:C].transpose(0, 1))]
+    k, v = one_key_sequence(k_view[:, C:], v_view[:, C:], blocks, on_prefix=lambda *t: seen.append(t))
+    assert torch.equal(k, k_view) and torch.equal(v, v_view) and len(seen) == 1
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("heads,groups", [(4, 2), (4, 4)])
 @pytest.mark.parametrize("prefix_len", [0, C, 3 * C + 5])

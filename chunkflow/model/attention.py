@@ -70,7 +70,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 __all__ = [
     "SDPAAttention", "ATTENTION_HOOK", "causal_attention", "packed_attention",
     "attention_backend", "host_cu_seqlens", "flash_attn_available",
-    "block_forward", "block_backward", "merge_block",
+    "block_forward", "block_backward", "merge_block", "one_key_sequence",
 ]
 
 logger = logging.getLogger(__name__)
@@ -273,6 +273,26 @@ def merge_block(acc: torch.Tensor, lse: torch.Tensor, o_i: torch.Tensor,
     return acc, new
 
 
+def one_key_sequence(
+    k: torch.Tensor, v: torch.Tensor, prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    on_prefix: Optional[Callable[..., None]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one K/V sequence a GPU kernel (flash-attn, SDPA) takes.
+
+    ``k``/``v`` that already hold the prefix in front (``sk > sq``: a view of a sample's
+    K/V buffer) are returned as they are, never copied. Only separate ``prefix`` blocks
+    are concatenated in front, and that copy is what ``on_prefix`` is shown.
+    """
+    prefix = [(pk, pv) for pk, pv in prefix if pk.shape[1] > 0]
+    if not prefix:
+        return k, v
+    k = torch.cat([pk for pk, _ in prefix] + [k], dim=1)
+    v = torch.cat([pv for _, pv in prefix] + [v], dim=1)
+    if on_prefix is not None:
+        on_prefix(k, v)
+    return k, v
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
@@ -290,21 +310,17 @@ def causal_attention(
     concatenated in front: their first ``sk - sq`` keys are taken as one prefix block.
     """
     _announce(q)
-    extra = k.shape[1] - q.shape[1]
-    if extra > 0:
-        prefix = list(prefix) + [(k[:, :extra], v[:, :extra])]
-        k, v = k[:, extra:], v[:, extra:]
     prefix = [(pk, pv) for pk, pv in prefix if pk.shape[1] > 0]
     if q.device.type == "cpu":
+        extra = k.shape[1] - q.shape[1]
+        if extra > 0:  # the CPU kernels merge blocks: split the leading prefix off (views)
+            prefix = prefix + [(k[:, :extra], v[:, :extra])]
+            k, v = k[:, extra:], v[:, extra:]
         blocks = [t[None] for kv in prefix for t in kv]
         if on_prefix is not None and blocks:
             on_prefix(*blocks)
         return _MergedCPU.apply(scale, q[None], k[None], v[None], *blocks)[0]
-    if prefix:  # GPU kernels take one K/V sequence: this copy of the prefix is kept
-        k = torch.cat([pk for pk, _ in prefix] + [k], dim=1)
-        v = torch.cat([pv for _, pv in prefix] + [v], dim=1)
-        if on_prefix is not None:
-            on_prefix(k, v)
+    k, v = one_key_sequence(k, v, prefix, on_prefix)
     sq, sk = q.shape[1], k.shape[1]
     if flash_attn_available(q):  # pragma: no cover - needs CUDA + flash-attn
         # (1, s, heads, d) layout; causal=True is bottom-right aligned when sq < sk.
