@@ -255,3 +255,17 @@ def test_training_prepares_a_jsonl_path_once_into_the_cache(prepared, tmp_path):
     assert str(on_rank1.value) == str(on_rank0.value)
     synthetic = load_config(None, [])
     assert resolve_data(synthetic, SimpleNamespace(rank=0, world_size=1)) is synthetic.data
+    # an edited input gets a new store; the old one is kept (a run may still use it) and named
+    src = tmp_path / "edited.jsonl"
+    src.write_text(Path(prepared.data).read_text())
+    solo = SimpleNamespace(rank=0, world_size=1)
+    cfg = load_config(None, [f"data.path={src}", f"data.tokenizer={prepared.tok}",
+                             f"train.output_dir={tmp_path / 'run'}", "data.prepare_workers=1"])
+    first = resolve_data(cfg, solo, log=said.append).path
+    with src.open("a") as f:
+        f.write(json.dumps({"input_ids": [1, 2, 3]}) + "\n")
+    said.clear()
+    second = resolve_data(cfg, solo, log=said.append).path
+    assert second != first and is_store(first) and is_store(second)
+    assert any(line.startswith(f"1 older cache(s) of {src}") and first in line for line in said), said
+    assert data0.path not in " ".join(said)  # a store of another input file is not listed

@@ -8,7 +8,9 @@ for ``runs/tiny_cpu``), outside the run's own directory, so runs sharing a paren
 the cache and a failed run leaves its output directory as it was. ``key`` hashes the
 input's path, size and modification time, the tokenizer's identity and the store
 version: a later run, or a resumed one, finds the store and prepares nothing; a changed
-input or tokenizer gets a new directory (old ones are not deleted).
+input or tokenizer gets a new directory. Old ones are not deleted (a run resumed with the
+old tokenizer still needs its store); when a new one is prepared, the others made from
+the same input file are listed with their size, to delete by hand.
 
 Rank 0 prepares (in ``data.prepare_workers`` processes) while the other ranks poll the
 launcher's key-value store (the one ``torch.distributed`` was initialised with) for its
@@ -35,7 +37,7 @@ from chunkflow.data.reader import DataError
 from chunkflow.data.store import STORE_VERSION, is_store, megatron_prefix, tokenizer_identity
 from chunkflow.data.tokenizer import load_tokenizer
 
-__all__ = ["resolve_data", "cache_path", "CACHE_NAME"]
+__all__ = ["resolve_data", "cache_path", "superseded_stores", "CACHE_NAME"]
 
 CACHE_NAME = ".chunkflow_data_cache"
 _calls = 0  # resolve_data calls in this process: one key per call (tests train several times)
@@ -52,6 +54,22 @@ def cache_path(cfg: Config) -> Path:
     ident = tokenizer_identity(d.tokenizer)
     key = json.dumps([input_fingerprint(d.path), ident["sha256"] if ident else None, STORE_VERSION])
     return root / f"{Path(d.path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def superseded_stores(store: Path, source: str) -> list[Path]:
+    """Other stores in ``store``'s cache directory prepared from the same input file."""
+    want = str(Path(source).resolve())
+    found = []
+    for other in sorted(store.parent.glob(f"{Path(source).stem}-*")):
+        if other == store or not is_store(other):
+            continue
+        try:
+            inputs = json.loads((other / "index.json").read_text()).get("inputs", [])
+        except (OSError, ValueError):
+            continue
+        if any(rec.get("path") == want for rec in inputs):
+            found.append(other)
+    return found
 
 
 def _launcher_store(world_size: int) -> Any:
@@ -89,6 +107,11 @@ def resolve_data(cfg: Config, ctx: Any, *, log: Callable[[str], Any] = print, po
             log(f"prepared data.path={d.path} into {store} (later runs reuse it):")
             for line in summary.lines_of_text():
                 log(line)
+            older = superseded_stores(store, d.path)
+            if older:
+                size = sum(f.stat().st_size for o in older for f in o.rglob("*") if f.is_file())
+                log(f"{len(older)} older cache(s) of {d.path} ({size / 2**20:.1f} MiB; an earlier input "
+                    f"or tokenizer), kept for runs that still use them: " + ", ".join(str(o) for o in older))
     else:
         while not (kv is None and is_store(store)):
             if kv is not None and kv.check([key]):
