@@ -53,18 +53,19 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from chunkflow.data.types import PackedRow
-from chunkflow.parallel import comm as comm_mod
 from chunkflow.model.batch import RowTensors, row_to_tensors
 from chunkflow.model.loss import masked_loss, token_losses
+from chunkflow.pipeline import p2p
 from chunkflow.pipeline.plan import Comm, PipelinePlan, build_pipeline_plan
 from chunkflow.scheduling.memory import SavedTensorMeter
 from chunkflow.scheduling.plan import Backward, Forward, Free, Recompute
+from chunkflow.scheduling.rng import replayed_rng, rng_state
 from chunkflow.scheduling.spaco import Selection
 from chunkflow.scheduling.state import ChunkContext, StateStore, chunk_context
 from chunkflow.scheduling.step import SpanTimer, StepResult
@@ -87,69 +88,6 @@ def row_of(item: Any) -> PackedRow:
 def _rope_offset(row: PackedRow) -> int:
     """Dependent chunk j starts at absolute position j*C; packed rows restart per sample."""
     return int(row.position_ids[0]) if row.dependent and len(row) else 0
-
-
-def _rng_state(device: torch.device) -> tuple:
-    """Every random state a forward may draw from: torch's CPU and device generators, and
-    megatron's model-parallel tracker (used by dropout inside tensor-parallel regions)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    tracker = None
-    try:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-        tracker = get_cuda_rng_tracker().get_states()
-    except Exception:  # noqa: BLE001 - no tracker (megatron not initialised): nothing to replay
-        tracker = None
-    return torch.get_rng_state(), cuda, tracker
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    """Install a state taken by :func:`_rng_state`."""
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-    if state[2] is not None:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-        get_cuda_rng_tracker().set_states(state[2])
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: Optional[tuple], device: torch.device) -> Iterator[None]:
-    """Run with the random state ``state`` (from :func:`_rng_state`), then restore the current one."""
-    if state is None:
-        yield
-        return
-    now = _rng_state(device)
-    try:
-        _set_rng_state(state, device)
-        yield
-    finally:
-        _set_rng_state(now, device)
-
-
-class _Posted:
-    """The requests of one posted ``Comm``. gloo (no coalescing) returns one request per op,
-    so a receive waits for itself alone; NCCL returns the batch's coalesced request(s), and
-    waiting for them (a stream dependency, not a host wait) covers every op of the batch."""
-
-    def __init__(self, ops: list, works: list):
-        self.ops, self.works = ops, list(works)
-        self.per_op = len(self.works) == len(ops)
-        self.done: set[int] = set()
-
-    def wait_op(self, i: int) -> None:
-        for j in ([i] if self.per_op else range(len(self.works))):
-            if j not in self.done:
-                self.works[j].wait()
-                self.done.add(j)
-
-    def wait_all(self) -> None:
-        for j in range(len(self.works)):
-            if j not in self.done:
-                self.works[j].wait()
-                self.done.add(j)
-        self.ops = []  # the send buffers may go
 
 
 @dataclass
@@ -211,36 +149,9 @@ class ChunkExecutor:
     def _shape(self, row: PackedRow) -> tuple[int, int, int]:
         return (self._padded(len(row)) // self.seq_div, 1, self.config.hidden_size)
 
-    def _post(self, comm: Comm, rows: Sequence[PackedRow], outbox: dict, inbox: dict) -> "_Posted":
-        """Post one ``Comm``'s sends and receives together; wait for none of them.
-
-        A received tensor lands in ``inbox`` as ``(tensor, posted)``: :meth:`_Posted.wait_recv`
-        waits for it right before the compute that reads it. The sends are waited on by
-        the caller at the next ``Comm`` (their buffers stay referenced until then).
-        """
-        ops, kinds = [], []
-        for op in comm.ops:
-            peer = dist.get_global_rank(self.group, op.peer)
-            if op.op == "send":
-                t = comm_mod.p2p_placed(outbox.pop((op.payload, op.mb)), self.group)
-                ops.append(dist.P2POp(dist.isend, t, peer, group=self.group))
-                kinds.append(None)
-            else:
-                t = torch.empty(self._shape(rows[op.mb]), dtype=self.dtype,
-                                device=comm_mod.comm_device(self.group, prefer=self.device))
-                ops.append(dist.P2POp(dist.irecv, t, peer, group=self.group))
-                kinds.append((op.payload, op.mb))
-        posted = _Posted(ops, dist.batch_isend_irecv(ops) if ops else [])
-        for i, key in enumerate(kinds):
-            if key is not None:
-                inbox[key] = (ops[i].tensor, posted, i)
-        return posted
-
-    def _received(self, inbox: dict, key: tuple) -> torch.Tensor:
-        """The tensor received under ``key``, waiting for its receive only now."""
-        t, posted, i = inbox.pop(key)
-        posted.wait_op(i)
-        return t if t.device == self.device else t.to(self.device)
+    def _post(self, comm: Comm, rows: Sequence[PackedRow], outbox: dict, inbox: dict) -> p2p.Posted:
+        return p2p.post(comm, outbox, inbox, group=self.group, device=self.device, dtype=self.dtype,
+                    shape=lambda mb: self._shape(rows[mb]))
 
     def _context(self, row: PackedRow, store: StateStore, hop: float) -> Optional[ChunkContext]:
         if not row.dependent:
@@ -315,7 +226,7 @@ class ChunkExecutor:
         if cfg.no_sync_func is not None:
             no_sync.enter_context(cfg.no_sync_func())
         early: set[int] = set()  # Comm steps posted ahead of the compute before them
-        sends: list[_Posted] = []  # posted batches whose sends are not yet waited for
+        sends: list[p2p.Posted] = []  # posted batches whose sends are not yet waited for
 
         def post(i: int) -> None:
             comm = steps[i].action
@@ -365,9 +276,9 @@ class ChunkExecutor:
                 # a peer is idle (bubble or communication), not compute.
                 received = None
                 if isinstance(act, Forward) and not self.first:
-                    received = self._received(inbox, ("activation", mb))
+                    received = p2p.received(inbox, self.device, ("activation", mb))
                 elif isinstance(act, Backward) and not self.last:
-                    received = self._received(inbox, ("grad", mb))
+                    received = p2p.received(inbox, self.device, ("grad", mb))
                 t0 = timer.start()
                 if isinstance(act, (Forward, Recompute)):
                     keep = isinstance(act, Recompute) or act.keep_graph
@@ -375,13 +286,13 @@ class ChunkExecutor:
                         inp = received
                         rng = None
                         if mb in recomputed:  # rebuilt later: keep its input and random state
-                            cached[mb] = (store.stash(inp), _rng_state(self.device))
+                            cached[mb] = (store.stash(inp), rng_state(self.device))
                     else:
                         stashed, rng = cached.pop(mb)
                         inp = store.unstash(stashed)
                     if inp is not None and keep:
                         inp = inp.detach().requires_grad_(True)
-                    with _replayed_rng(rng, self.device):
+                    with replayed_rng(rng, self.device):
                         out = forward(mb, inp, keep, record=isinstance(act, Forward))
                     if isinstance(act, Forward) and not self.last:
                         outbox[("activation", mb)] = out.detach()
