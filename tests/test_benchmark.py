@@ -312,7 +312,7 @@ def test_safe_probes_never_run_what_cannot_fit_pp2():
     over-budget full recompute rules out selective and none, the over-budget smallest
     (C, K) rules out the larger ones; nothing else runs, and the run completes."""
     report = run_distributed(_bench, 2, (TINY + [
-        "parallel.pipeline=2", "bench.safe_probes=true", "bench.memory_budget_mb=0.001", "bench.timed_steps=1",
+        "parallel.pipeline=2", "bench.safe_probes=always", "bench.memory_budget_mb=0.001", "bench.timed_steps=1",
         "bench.sweep=true", "bench.sweep_chunk_sizes=64,128", "bench.sweep_k=1,2", "bench.selection_steps=1"],),
         timeout_s=600)[0]
     tried = {c["recompute"]: c for c in report["megatron_candidates"]}

@@ -109,7 +109,7 @@ class _Bench:
         self.models: dict[str, Any] = {}
         self.init_state: Optional[dict] = None
         safe = cfg.bench.safe_probes
-        self.safe = probes_unrecoverable(ctx.device, ctx.world_size) if safe == "auto" else safe == "true"
+        self.safe = probes_unrecoverable(ctx.device, ctx.world_size) if safe == "auto" else safe == "always"
         capacity = device_capacity_bytes(ctx.device) if self.safe else None
         capacities = [c for c in comm.all_gather_object(capacity) if c is not None]
         self.capacity = min(capacities) if capacities else None  # the same on every rank

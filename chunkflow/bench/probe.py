@@ -13,7 +13,7 @@ the CPU, more than one process) the benchmark probes *safely*:
 - a Megatron candidate is not run when an upper bound on its device peak
   (:func:`predicted_mem_peak`) is above the memory the ranks have.
 
-``bench.safe_probes: auto`` turns this on exactly there; ``true`` / ``false`` force it.
+``bench.safe_probes: auto`` turns this on exactly there; ``always`` / ``never`` force it.
 """
 
 from __future__ import annotations

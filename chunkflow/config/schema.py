@@ -293,7 +293,7 @@ class BenchConfig:
     # Probe memory safely (candidates in order of growing memory; one that keeps all that
     # an over-budget one keeps, or whose predicted device peak exceeds the device, is not
     # run): "auto" = where an out-of-memory error could strand other ranks (a device other
-    # than the CPU, more than one process); "true" / "false" force it (chunkflow/bench/probe.py).
+    # than the CPU, more than one process); "always" / "never" force it (chunkflow/bench/probe.py).
     safe_probes: str = "auto"
     # Sweep ChunkFlow over sweep_chunk_sizes x sweep_k (else run chunkflow.chunk_size/k)
     # and compare Megatron with the fastest point that fits; also draws a PNG.

@@ -32,7 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "chunkflow.spaco.sampler": SPACO_SAMPLERS,
     "lora.targets": LORA_TARGETS,
     "bench.megatron_recompute": ("auto",) + RECOMPUTE,
-    "bench.safe_probes": ("auto", "true", "false"),
+    "bench.safe_probes": ("auto", "always", "never"),
     "train.nonfinite": NONFINITE,
     "train.preempt_signals": SIGNALS,
 }
