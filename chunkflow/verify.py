@@ -195,14 +195,14 @@ def verify_equivalence(cfg: Config, ctx: ParallelContext, *, full_state: Optiona
     configured weights. Every rank returns the same report.
     """
     from chunkflow.config.validate import require_chunking
-    from chunkflow.data.dataset import load_samples
     from chunkflow.data.loader import GlobalBatchLoader
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
     from chunkflow.train.build import build_model_and_ddp, build_schedule, row_pad_multiple
+    from chunkflow.train.data_cache import load_run_samples
     from chunkflow.train.megatron_schedule import MegatronSchedule
 
     require_chunking(cfg, "verify")  # chunk_size/k = auto are resolved by the trainer only
-    samples, _ = load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
+    samples, _ = load_run_samples(cfg, ctx, log=print if ctx.rank == 0 else (lambda _line: None))
     batch = next(iter(GlobalBatchLoader(samples, global_batch_size=cfg.data.global_batch_size,
                                         seed=cfg.data.seed, shuffle=cfg.data.shuffle)))
     prepare, weights = (None, "full_state") if full_state is not None else _load_weights(cfg, ctx)

@@ -24,10 +24,11 @@ from chunkflow.data.stats import format_table, plan_stats, total_stats
 
 
 def load_data(cfg):
-    """``(samples, description)`` of the configured data (imported lazily)."""
-    from chunkflow.data.dataset import load_samples
+    """``(samples, description)`` of the configured data, read as training reads it (a
+    JSONL path through the data cache, not into memory; imported lazily)."""
+    from chunkflow.train.data_cache import load_run_samples
 
-    return load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
+    return load_run_samples(cfg, log=lambda line: print(line, file=sys.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:

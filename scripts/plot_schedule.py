@@ -43,12 +43,12 @@ def from_lengths(args: argparse.Namespace) -> list[Panel]:
 
 def from_config(args: argparse.Namespace) -> list[Panel]:
     from chunkflow.config import load_config
-    from chunkflow.data.dataset import load_samples
     from chunkflow.data.loader import GlobalBatchLoader
     from chunkflow.data.plan import plan_chunkflow_step, plan_megatron_step
+    from chunkflow.train.data_cache import load_run_samples
 
     cfg = load_config(args.config, args.overrides)
-    samples, description = load_samples(cfg.data, vocab_size=cfg.model.vocab_size)
+    samples, description = load_run_samples(cfg)
     print(f"data: {description}")
     batches = GlobalBatchLoader(samples, global_batch_size=cfg.data.global_batch_size,
                                 seed=cfg.data.seed, shuffle=cfg.data.shuffle)

@@ -122,3 +122,27 @@ def test_tool_runs_as_a_program_on_real_data(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert [r["schedule"] for r in parse(res.stdout)][-2:] == ["megatron", "chunkflow"]
+
+
+def test_tool_reads_a_jsonl_path_through_the_data_cache(tmp_path, capsys):
+    """A JSONL data.path is prepared once into the cache training uses (not read into
+    memory), and a malformed line stops the tool with its file and line."""
+    spec = importlib.util.spec_from_file_location("inspect_chunks_real", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(YAML)
+    rng = np.random.default_rng(1)
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join('{"input_ids": %s}\n' % rng.integers(0, 512, int(n)).tolist()
+                            for n in rng.integers(4, 200, 40)))
+    run = f"train.output_dir={tmp_path / 'runs' / 'x'}"
+    assert module.main(["--config", str(cfg_path), "--batches", "1", "--dp", "2", f"data.path={good}", run]) == 0
+    captured = capsys.readouterr()
+    assert "prepared data.path=" in captured.err and "samples" in captured.out
+    cache = tmp_path / "runs" / ".chunkflow_data_cache"
+    assert [p.name.startswith("good-") for p in cache.iterdir()] == [True]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, oops]}\n')
+    assert module.main(["--config", str(cfg_path), f"data.path={bad}", run]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err

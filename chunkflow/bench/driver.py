@@ -95,12 +95,12 @@ class Side:
 class _Bench:
     def __init__(self, cfg: Config, ctx: ParallelContext, log: Callable[[str], None]):
         from chunkflow.data.assignment import CostModel
-        from chunkflow.data.dataset import load_samples
         from chunkflow.data.loader import GlobalBatchLoader
+        from chunkflow.train.data_cache import load_run_samples
 
         self.cfg, self.ctx, self.log = cfg, ctx, log
         b, d = cfg.bench, cfg.data
-        samples, self.data_desc = load_samples(d, vocab_size=cfg.model.vocab_size)
+        samples, self.data_desc = load_run_samples(cfg, ctx, log=log)
         loader = GlobalBatchLoader(samples, global_batch_size=d.global_batch_size, seed=d.seed, shuffle=d.shuffle)
         self.warmup, self.selection, self.timed = batch_roles(cfg)
         self.batches = [next(loader) for _ in range(len(self.warmup) + len(self.selection) + len(self.timed))]

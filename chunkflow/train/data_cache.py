@@ -37,7 +37,7 @@ from chunkflow.data.reader import DataError
 from chunkflow.data.store import STORE_VERSION, is_store, megatron_prefix, tokenizer_identity
 from chunkflow.data.tokenizer import load_tokenizer
 
-__all__ = ["resolve_data", "cache_path", "superseded_stores", "CACHE_NAME"]
+__all__ = ["resolve_data", "load_run_samples", "cache_path", "superseded_stores", "CACHE_NAME"]
 
 CACHE_NAME = ".chunkflow_data_cache"
 _calls = 0  # resolve_data calls in this process: one key per call (tests train several times)
@@ -54,6 +54,19 @@ def cache_path(cfg: Config) -> Path:
     ident = tokenizer_identity(d.tokenizer)
     key = json.dumps([input_fingerprint(d.path), ident["sha256"] if ident else None, STORE_VERSION])
     return root / f"{Path(d.path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def load_run_samples(cfg: Config, ctx: Optional[Any] = None, *,
+                     log: Callable[[str], Any] = print) -> tuple[Any, str]:
+    """``(samples, description)`` as a run reads them: a JSONL ``data.path`` through the
+    cache (prepared once, then memory-mapped), anything else as it is. For tools that are
+    not training (``ctx`` None: one process)."""
+    from types import SimpleNamespace
+
+    from chunkflow.data.dataset import load_samples
+
+    data = resolve_data(cfg, ctx or SimpleNamespace(rank=0, world_size=1), log=log)
+    return load_samples(data, vocab_size=cfg.model.vocab_size)
 
 
 def superseded_stores(store: Path, source: str) -> list[Path]:

@@ -54,13 +54,11 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         check_sink_packages(cfg.log)  # every rank: a missing tensorboard/wandb stops all at once
 
-        from chunkflow.data.dataset import load_samples
         from chunkflow.data.loader import StepPlanLoader
+        from chunkflow.train.data_cache import load_run_samples
 
-        from chunkflow.train.data_cache import resolve_data
-
-        data_cfg = resolve_data(cfg, ctx, log=print if ctx.rank == 0 else (lambda *a, **k: None))
-        self.samples, self.data_desc = load_samples(data_cfg, vocab_size=cfg.model.vocab_size)
+        self.samples, self.data_desc = load_run_samples(
+            cfg, ctx, log=print if ctx.rank == 0 else (lambda *a, **k: None))
 
         self.model, self.tc = build_model_and_ddp(cfg, ctx, prepare=self._prepare_model)
         self.optimizer = build_optimizer(self.model, cfg)
