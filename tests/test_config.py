@@ -51,6 +51,8 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
         ("train.steps=abc", "train.steps: expected an integer"),
         ("train.schedule=fast", "train.schedule='fast' is not one of megatron, chunkflow"),
         ("train.recompute=most", "train.recompute='most' is not one of none, selective, block, full"),
+        ("bench.safe_probes=true", "bench.safe_probes: expected one of auto, always, never, got True "
+                                   "(YAML reads true/false/on/off as booleans)"),
         ("train", "not of the form key=value"),
         ("model=3", "'model' is a section"),
     ],

@@ -86,7 +86,12 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        from chunkflow.config.validate import CHOICES  # validate imports this module
+
+        names = CHOICES.get(path)
+        raise ConfigError(f"{path}: expected " + (f"one of {', '.join(names)}" if names else "a string")
+                          + f", got {value!r}" + (" (YAML reads true/false/on/off as booleans)"
+                                                  if isinstance(value, bool) else ""))
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
