@@ -29,7 +29,8 @@ P2P = {"send", "recv", "isend", "irecv", "batch_isend_irecv", "P2POp"}
 # file -> names it may use directly
 ALLOWED = {
     "chunkflow/parallel/comm.py": COLLECTIVES,
-    "chunkflow/pipeline/executor.py": P2P,  # buffers allocated on the stage's device
+    "chunkflow/pipeline/executor.py": P2P,  # forward-only evaluation: buffers on the stage's device
+    "chunkflow/pipeline/p2p.py": P2P,  # sends through comm.p2p_placed, receives on comm.comm_device
 }
 
 
